@@ -1,0 +1,39 @@
+"""Continuous batching across adapters: requests, sampling, the scheduler, the step loop, KV rows.
+
+Usage (the HTTP server and ``loramux generate --batch`` are built on exactly this)::
+
+    from loramux.engine import Engine, SamplingParams, AdapterRegistry
+    registry = AdapterRegistry()
+    registry.register("sql", "/path/sql"); registry.add_root("/adapters")   # knowing costs nothing
+    with Engine(model, tokenizer, registry=registry, max_running=16, max_kv_tokens=16384,
+                max_loaded_adapters=32) as engine:               # starts the step-loop thread
+        handle = engine.submit("SELECT", adapter="sql", params=SamplingParams(max_tokens=64, temperature=0))
+        for delta in handle: ...                                # or: async for delta in handle.stream()
+        final = handle.result()                                 # full text/token_ids, finish_reason, usage
+        handle.cancel()
+        engine.stats()
+
+``submit`` raises ``UnknownAdapterError`` (from ``loramux.errors``; adapter neither registered nor
+loaded), ``RequestRejected`` (a ``ValueError``: the prompt can never fit, or a bad parameter) and
+``EngineOverloaded`` (the waiting queue is full).
+"""
+from loramux.cache import AdapterCache, AdapterRegistry
+from loramux.engine.engine import Engine
+from loramux.engine.request import (
+    EngineOverloaded,
+    RequestHandle,
+    RequestOutput,
+    RequestRejected,
+    SamplingParams,
+)
+
+__all__ = [
+    "AdapterCache",
+    "AdapterRegistry",
+    "Engine",
+    "EngineOverloaded",
+    "RequestHandle",
+    "RequestOutput",
+    "RequestRejected",
+    "SamplingParams",
+]
