@@ -1,0 +1,98 @@
+"""Which adapter slot each batch row uses: built once per forward call, read by every wrapped layer.
+
+The mapping travels in a ``contextvars.ContextVar``, so it is private to the thread or asyncio task
+that made the call: two callers on one model never see each other's routing, and no module holds
+an "active adapter" attribute.
+
+Shapes: B rows (batch), S slots. ``row_slots[b]`` is a slot id, or ``BASE_SLOT`` (-1) for the plain
+base model. Rows that use the same slot form a :class:`Group`; contiguous groups are sliced (a view,
+no copy), scattered ones indexed.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+BASE_SLOT = -1
+
+
+@dataclass(frozen=True)
+class Group:
+    """The rows of one slot: ``rows`` is a slice when they are contiguous, else an index tensor."""
+
+    slot: int
+    rows: slice | torch.Tensor
+    covers_all: bool  # every row of the batch uses this slot: no gather, no scatter
+
+
+@dataclass(frozen=True)
+class BatchMapping:
+    row_slots: tuple[int, ...]
+    merged: bool = False  # the batch's adapter is merged into W0: LoRA layers add nothing
+    _groups: dict = field(default_factory=dict, repr=False, compare=False)     # device -> groups
+    _expanded: dict = field(default_factory=dict, repr=False, compare=False)   # factor -> mapping
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.row_slots)
+
+    @property
+    def slots(self) -> frozenset[int]:
+        return frozenset(s for s in self.row_slots if s != BASE_SLOT)
+
+    def groups(self, device: torch.device) -> tuple[Group, ...]:
+        """The non-base groups, with index tensors on ``device``; computed once per call and device."""
+        cached = self._groups.get(device)
+        if cached is None:
+            cached = self._groups[device] = tuple(self._build_groups(device))
+        return cached
+
+    def _build_groups(self, device: torch.device) -> Iterator[Group]:
+        rows_of: dict[int, list[int]] = {}
+        for row, slot in enumerate(self.row_slots):
+            rows_of.setdefault(slot, []).append(row)
+        for slot, rows in rows_of.items():
+            if slot == BASE_SLOT:
+                continue
+            covers_all = len(rows) == self.n_rows
+            if rows[-1] - rows[0] + 1 == len(rows):
+                yield Group(slot, slice(rows[0], rows[-1] + 1), covers_all)
+            else:
+                yield Group(slot, torch.tensor(rows, dtype=torch.long, device=device), covers_all)
+
+    def for_rows(self, n_rows: int) -> "BatchMapping":
+        """The mapping for a tensor of ``n_rows`` rows: generate() repeats each row k times for beams
+        and num_return_sequences (``repeat_interleave``), so row b*k + j belongs to request b."""
+        if n_rows == self.n_rows:
+            return self
+        if n_rows % self.n_rows:
+            raise ValueError(
+                f"a wrapped layer received {n_rows} rows but adapter_names has {self.n_rows} entries; "
+                "loramux routes whole rows (tensors shaped (B, ...)), pass one adapter name per row")
+        factor = n_rows // self.n_rows
+        expanded = self._expanded.get(factor)
+        if expanded is None:
+            slots = tuple(s for s in self.row_slots for _ in range(factor))
+            expanded = self._expanded[factor] = BatchMapping(slots, self.merged)
+        return expanded
+
+
+_current: contextvars.ContextVar[BatchMapping | None] = contextvars.ContextVar("loramux_batch_mapping", default=None)
+
+
+def current_mapping() -> BatchMapping | None:
+    """The mapping of the forward call running in this thread/task, or None outside any call."""
+    return _current.get()
+
+
+@contextlib.contextmanager
+def use_mapping(mapping: BatchMapping | None) -> Iterator[None]:
+    token = _current.set(mapping)
+    try:
+        yield
+    finally:
+        _current.reset(token)

@@ -1,0 +1,372 @@
+"""``MultiLoraModel``: one transformers model, any number of LoRA adapters, chosen per row per call.
+
+Which adapter a call uses is data: ``adapter_names`` (one per row), else the context default
+(``with model.adapter(...)``), else ``set_adapter``'s default. It becomes a :class:`BatchMapping`
+once per call, carried by a context variable that every wrapped layer reads; nothing is written on
+the modules to route a call, so threads and asyncio tasks share one model safely.
+
+Loads are atomic (``plan_load`` does every check before the model changes) and thread-safe; a
+deleted adapter's weights are released when the last in-flight call that uses them returns.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import logging
+import threading
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from loramux.adapter import read_adapter
+from loramux.combine import combine_layer
+from loramux.errors import (AdapterConfigError, AdapterExistsError, AdapterNamesError, MergedAdapterError,
+                            TargetModuleError, UnknownAdapterError)
+from loramux.layers import LoraLayer, ModulesToSaveLayer
+from loramux.loading import LoadPlan, plan_load
+from loramux.mapping import BASE_SLOT, BatchMapping, use_mapping
+from loramux.merging import merge_layer, unmerge_layer
+
+logger = logging.getLogger(__name__)
+
+BASE_ADAPTER = "__base__"
+_UNSET = object()
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """What a loaded adapter is and costs. ``nbytes`` counts the tensors it added beside the base."""
+
+    name: str
+    path: str | None
+    slot: int
+    ranks: Mapping[str, int]           # module -> rank
+    scalings: Mapping[str, float]      # module -> alpha/r (or alpha/sqrt(r))
+    modules_to_save: tuple[str, ...]
+    use_dora: bool
+    nbytes: int
+
+    @property
+    def target_modules(self) -> list[str]:
+        return sorted(self.ranks)
+
+    @property
+    def rank(self) -> int:
+        return max(self.ranks.values(), default=0)
+
+
+@dataclass
+class _SlotState:
+    modules: list[str] = field(default_factory=list)   # wrapped modules holding this slot
+    inflight: int = 0                                    # calls running with it
+    retired: bool = False                                # deleted/replaced: free when inflight hits 0
+
+
+class MultiLoraModel(nn.Module):
+    """Wrap ``base_model`` (in place, no copy) so adapters can be loaded beside it and mixed per row."""
+
+    def __init__(self, base_model: nn.Module) -> None:
+        super().__init__()
+        self.base_model = base_model
+        # original module names -> original modules; wrapping does not change what names mean
+        self._originals: dict[str, nn.Module] = {n: m for n, m in base_model.named_modules() if n}
+        self._wrappers: dict[str, nn.Module] = {}
+        self._infos: dict[str, AdapterInfo] = {}
+        self._slot_states: dict[int, _SlotState] = {}
+        self._free_slots: list[int] = []
+        self._lock = threading.RLock()
+        self._default: str | None = None
+        self._context_default: contextvars.ContextVar[Any] = contextvars.ContextVar(f"loramux_default_{id(self)}", default=_UNSET)
+        self._merged: str | None = None
+
+    # ------------------------------------------------------------------ attributes users expect
+    @property
+    def config(self):
+        return self.base_model.config
+
+    @property
+    def generation_config(self):
+        return self.base_model.generation_config
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.base_model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.base_model.parameters()).dtype
+
+    @property
+    def adapters(self) -> Mapping[str, AdapterInfo]:
+        with self._lock:
+            return dict(self._infos)
+
+    @property
+    def merged_adapter(self) -> str | None:
+        return self._merged
+
+    # ------------------------------------------------------------------ loading
+    def load_adapter(self, path: str | Path, adapter_name: str | None = None, *, replace: bool = False,
+                     allow_pickle: bool = False) -> AdapterInfo:
+        """Read a PEFT adapter directory and add it under ``adapter_name`` (default: the directory name).
+
+        Atomic: every check runs before the model changes. ``replace=True`` hot-swaps an adapter of the
+        same name; calls already running finish with the old weights.
+        """
+        name = adapter_name if adapter_name is not None else Path(path).name
+        self._check_new_name(name, replace)
+        adapter = read_adapter(path, allow_pickle=allow_pickle)
+        plan = plan_load(adapter, self._originals)
+        info = self._commit(name, plan, path=str(path), use_dora=adapter.config.use_dora, replace=replace)
+        logger.info("loaded adapter %r from %s: %d modules, %.1f MB", name, path, len(plan.lora), info.nbytes / 1e6)
+        return info
+
+    def _check_new_name(self, name: str, replace: bool) -> None:
+        if not isinstance(name, str) or not name or name == BASE_ADAPTER:
+            raise AdapterNamesError(f"adapter_name {name!r} is not allowed; use a non-empty name other than {BASE_ADAPTER!r}")
+        with self._lock:
+            if name in self._infos and not replace:
+                raise AdapterExistsError(f"an adapter named {name!r} is already loaded; pass replace=True to swap it, "
+                                         "or delete_adapter() it first")
+
+    def _commit(self, name: str, plan: LoadPlan, *, path: str | None, use_dora: bool, replace: bool) -> AdapterInfo:
+        with self._lock:
+            self._check_new_name(name, replace)  # again: another thread may have loaded it meanwhile
+            if self._merged is not None and use_dora:
+                raise MergedAdapterError(f"adapter {self._merged!r} is merged into the base weights; unmerge_adapter() "
+                                         f"before loading the DoRA adapter {name!r} (its norms are taken on W0)")
+            for module in list(plan.lora) + list(plan.modules_to_save):
+                kind = LoraLayer if module in plan.lora else ModulesToSaveLayer
+                existing = self._wrappers.get(module)
+                if existing is not None and not isinstance(existing, kind):
+                    raise TargetModuleError(f"adapter {name!r}: module {module!r} is a LoRA target for one loaded adapter and "
+                                            "a modules_to_save module for another; loramux cannot do both on one module")
+            slot = self._free_slots.pop() if self._free_slots else len(self._slot_states)
+            state = self._slot_states[slot] = _SlotState()
+            for module, entry in [*plan.lora.items(), *plan.modules_to_save.items()]:
+                kind = LoraLayer if module in plan.lora else ModulesToSaveLayer
+                self._wrap(module, kind).slots.write(slot, entry)
+                state.modules.append(module)
+            old = self._infos.get(name)
+            info = AdapterInfo(name=name, path=path, slot=slot, ranks=dict(plan.ranks), scalings=dict(plan.scalings),
+                               modules_to_save=tuple(plan.modules_to_save), use_dora=use_dora, nbytes=plan.nbytes)
+            self._infos[name] = info
+            if old is not None:
+                if self._merged == name:
+                    self._unmerge_locked()
+                self._retire(old.slot)
+            return info
+
+    def _wrap(self, module_name: str, kind: type) -> nn.Module:
+        wrapper = self._wrappers.get(module_name)
+        if wrapper is None:
+            parent_name, _, child = module_name.rpartition(".")
+            parent = self.base_model.get_submodule(parent_name) if parent_name else self.base_model
+            wrapper = kind(self._originals[module_name])
+            setattr(parent, child, wrapper)
+            self._wrappers[module_name] = wrapper
+        return wrapper
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Forget ``adapter_name``; its memory is released once no running call uses it."""
+        with self._lock:
+            info = self._info(adapter_name)
+            if self._merged == adapter_name:
+                self._unmerge_locked()
+            if self._default == adapter_name:
+                self._default = None
+            del self._infos[adapter_name]
+            self._retire(info.slot)
+
+    def _retire(self, slot: int) -> None:
+        state = self._slot_states[slot]
+        state.retired = True
+        if state.inflight == 0:
+            self._free(slot)
+
+    def _free(self, slot: int) -> None:
+        state = self._slot_states[slot]
+        for module in state.modules:
+            self._wrappers[module].slots.clear(slot)
+        state.modules.clear()
+        state.retired = False
+        self._free_slots.append(slot)
+
+    def _info(self, name: str) -> AdapterInfo:
+        info = self._infos.get(name)
+        if info is None:
+            raise UnknownAdapterError(f"no adapter named {name!r} is loaded; loaded: {sorted(self._infos) or 'none'}; "
+                                      "load it with load_adapter(path, adapter_name=...)")
+        return info
+
+    # ------------------------------------------------------------------ choosing adapters
+    def set_adapter(self, adapter_name: str | None) -> None:
+        """Default adapter for calls that name none (``None`` or ``"__base__"``: the base model). O(1)."""
+        with self._lock:
+            if adapter_name not in (None, BASE_ADAPTER):
+                self._info(adapter_name)
+            self._default = None if adapter_name == BASE_ADAPTER else adapter_name
+
+    @contextlib.contextmanager
+    def adapter(self, adapter_name: str | None) -> Iterator[None]:
+        """Default adapter inside this block, for this thread / asyncio task only."""
+        if adapter_name not in (None, BASE_ADAPTER):
+            with self._lock:
+                self._info(adapter_name)
+        token = self._context_default.set(adapter_name)
+        try:
+            yield
+        finally:
+            self._context_default.reset(token)
+
+    def _resolve(self, adapter_names: str | Sequence[str | None] | None, n_rows: int) -> BatchMapping | None:
+        """Names -> slots, under the lock, and pin the slots until ``_release`` (the caller's finally)."""
+        if adapter_names is None:
+            default = self._context_default.get()
+            adapter_names = self._default if default is _UNSET else default
+            if adapter_names is None and self._merged is None:
+                return None
+            adapter_names = adapter_names or self._merged
+        if isinstance(adapter_names, str):
+            adapter_names = [adapter_names] * n_rows
+        if not isinstance(adapter_names, (list, tuple)):
+            raise AdapterNamesError(f"adapter_names must be a list of names (one per row), got {type(adapter_names).__name__}")
+        if len(adapter_names) != n_rows:
+            raise AdapterNamesError(f"adapter_names has {len(adapter_names)} entries but the batch has {n_rows} rows; "
+                                    "pass one adapter name (or '__base__') per row")
+        with self._lock:
+            slots = tuple(BASE_SLOT if n in (None, BASE_ADAPTER) else self._info(n).slot for n in adapter_names)
+            if self._merged is not None:
+                merged_slot = self._infos[self._merged].slot
+                wrong = sorted({str(n) for n, s in zip(adapter_names, slots) if s != merged_slot})
+                if wrong:
+                    raise MergedAdapterError(f"adapter {self._merged!r} is merged into the base weights, so rows cannot use "
+                                             f"{wrong}; call unmerge_adapter() first")
+            for slot in set(slots) - {BASE_SLOT}:
+                self._slot_states[slot].inflight += 1
+        return BatchMapping(slots, merged=self._merged is not None)
+
+    def _release(self, mapping: BatchMapping | None) -> None:
+        if mapping is None:
+            return
+        with self._lock:
+            for slot in mapping.slots:
+                state = self._slot_states[slot]
+                state.inflight -= 1
+                if state.inflight == 0 and state.retired:
+                    self._free(slot)
+
+    @contextlib.contextmanager
+    def routing(self, adapter_names: str | Sequence[str | None] | None, n_rows: int) -> Iterator[BatchMapping | None]:
+        """Run the block with rows routed to ``adapter_names``; for callers that drive the base model directly."""
+        mapping = self._resolve(adapter_names, n_rows)
+        try:
+            with use_mapping(mapping):
+                yield mapping
+        finally:
+            self._release(mapping)
+
+    # ------------------------------------------------------------------ running
+    @staticmethod
+    def _batch_size(args: tuple, kwargs: dict) -> int:
+        for key in ("input_ids", "inputs_embeds", "pixel_values"):
+            if kwargs.get(key) is not None:
+                return kwargs[key].shape[0]
+        if args and isinstance(args[0], torch.Tensor):
+            return args[0].shape[0]
+        raise AdapterNamesError("cannot tell the batch size: pass input_ids or inputs_embeds")
+
+    def forward(self, *args, adapter_names: str | Sequence[str | None] | None = None, **kwargs):
+        with self.routing(adapter_names, self._batch_size(args, kwargs)):
+            return self.base_model(*args, **kwargs)
+
+    def generate(self, *args, adapter_names: str | Sequence[str | None] | None = None, **kwargs):
+        """transformers ``generate`` with rows routed by ``adapter_names`` (beams follow their row)."""
+        with self.routing(adapter_names, self._batch_size(args, kwargs)):
+            return self.base_model.generate(*args, **kwargs)
+
+    # ------------------------------------------------------------------ merging
+    def merge_adapter(self, adapter_name: str | None = None) -> None:
+        """Fold ``adapter_name`` (default: the default adapter) into W0. Idempotent for the same name."""
+        with self._lock:
+            name = adapter_name or self._default
+            info = self._info(name) if name else None
+            if info is None:
+                raise UnknownAdapterError("merge_adapter() needs an adapter name (no default adapter is set)")
+            if self._merged == name:
+                return
+            if self._merged is not None:
+                raise MergedAdapterError(f"adapter {self._merged!r} is already merged; unmerge_adapter() before merging {name!r}")
+            for module in self._slot_states[info.slot].modules:
+                wrapper = self._wrappers[module]
+                if isinstance(wrapper, LoraLayer):
+                    merge_layer(wrapper, wrapper.slots.get(info.slot))
+            self._merged = name
+
+    def unmerge_adapter(self) -> None:
+        """Restore W0 (to fp32 rounding). A no-op when nothing is merged."""
+        with self._lock:
+            self._unmerge_locked()
+
+    def _unmerge_locked(self) -> None:
+        if self._merged is None:
+            return
+        slot = self._infos[self._merged].slot
+        for module in self._slot_states[slot].modules:
+            wrapper = self._wrappers[module]
+            if isinstance(wrapper, LoraLayer):
+                unmerge_layer(wrapper, wrapper.slots.get(slot))
+        self._merged = None
+
+    def merge_and_unload(self, adapter_name: str | None = None) -> nn.Module:
+        """A plain transformers model with ``adapter_name`` folded in (or none); this wrapper is emptied."""
+        with self._lock:
+            if adapter_name is not None and self._merged != adapter_name:
+                self.unmerge_adapter()
+                self.merge_adapter(adapter_name)
+            slot = self._infos[self._merged].slot if self._merged else None
+            for module, wrapper in self._wrappers.items():
+                parent_name, _, child = module.rpartition(".")
+                parent = self.base_model.get_submodule(parent_name) if parent_name else self.base_model
+                own_copy = wrapper.slots.get(slot) if isinstance(wrapper, ModulesToSaveLayer) and slot is not None else None
+                setattr(parent, child, own_copy if own_copy is not None else wrapper.base_layer)
+            self._wrappers.clear()
+            self._infos.clear()
+            self._slot_states.clear()
+            self._free_slots.clear()
+            self._merged = self._default = None
+            return self.base_model
+
+    # ------------------------------------------------------------------ combining, reporting
+    def add_weighted_adapter(self, adapters: Sequence[str], weights: Sequence[float], adapter_name: str,
+                             combination_type: str = "svd", svd_rank: int | None = None) -> AdapterInfo:
+        """A new adapter from loaded ones (PEFT's ``linear``, ``cat`` and ``svd`` recipes; see combine.py)."""
+        if len(adapters) != len(weights) or not adapters:
+            raise AdapterNamesError(f"add_weighted_adapter: {len(adapters)} adapters but {len(weights)} weights")
+        self._check_new_name(adapter_name, replace=False)
+        with self._lock:
+            infos = [self._info(a) for a in adapters]
+            if any(i.modules_to_save for i in infos):
+                raise AdapterConfigError("add_weighted_adapter: adapters with modules_to_save cannot be combined")
+            plan = LoadPlan()
+            modules = sorted({m for i in infos for m in i.ranks})
+            for module in modules:
+                wrapper = self._wrappers[module]
+                present = [(wrapper.slots.get(i.slot), w, i.scalings[module]) for i, w in zip(infos, weights) if module in i.ranks]
+                entry = combine_layer(present, combination_type, wrapper.is_embedding, svd_rank)
+                plan.lora[module] = entry
+                plan.ranks[module], plan.scalings[module] = entry.B.shape[1], 1.0
+        return self._commit(adapter_name, plan, path=None, use_dora=False, replace=False)
+
+    def memory_report(self) -> dict[str, Any]:
+        """Bytes of the shared base, of each adapter, and what one full fine-tuned copy per adapter would take."""
+        base = sum(p.numel() * p.element_size() for p in {id(p): p for p in self.base_model.parameters()}.values())
+        adapters = {name: info.nbytes for name, info in self.adapters.items()}
+        total = base + sum(adapters.values())
+        full = base * max(len(adapters), 1)
+        return {"base_bytes": base, "adapters": adapters, "total_bytes": total, "full_copies_bytes": full,
+                "saving_ratio": full / total if total else 1.0}

@@ -1,0 +1,57 @@
+"""Per-layer storage of adapter weights, indexed by slot id (one slot per loaded adapter).
+
+A layer keeps a plain list ``entries[slot]``: reading the weights of a slot is one list index, not
+a dictionary walk by name. Each entry is prepared at load time so the hot path does no scaling:
+``B`` is stored pre-multiplied by the adapter's scaling for that module.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SlotWeights:
+    """One adapter's tensors for one layer, ready for the hot path.
+
+    A: (r, d_in) for linear layers; (num_embeddings, r) for embeddings (already transposed for a lookup)
+    B: (d_out, r), scaled by alpha/r (or alpha/sqrt(r))
+    bias: (d_out,) scaled lora_B bias, or None
+    dora_scale: (d_out,) DoRA's magnitude / ||W0 + s B A|| per output feature, or None
+    """
+
+    A: torch.Tensor
+    B: torch.Tensor
+    bias: torch.Tensor | None = None
+    dora_scale: torch.Tensor | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.A, self.B, self.bias, self.dora_scale) if t is not None)
+
+
+class SlotTable:
+    """``entries[slot]`` for one layer; ``None`` where the slot's adapter does not cover this layer."""
+
+    def __init__(self) -> None:
+        self.entries: list[object | None] = []
+        self.count = 0  # occupied slots: a layer with none skips all routing work
+
+    def get(self, slot: int) -> object | None:
+        return self.entries[slot] if 0 <= slot < len(self.entries) else None
+
+    def write(self, slot: int, entry: object) -> None:
+        if slot >= len(self.entries):
+            self.entries.extend([None] * (slot + 1 - len(self.entries)))
+        if self.entries[slot] is None:
+            self.count += 1
+        self.entries[slot] = entry
+
+    def clear(self, slot: int) -> None:
+        if self.get(slot) is not None:
+            self.entries[slot] = None
+            self.count -= 1
+
+    def occupied(self) -> list[int]:
+        return [slot for slot, entry in enumerate(self.entries) if entry is not None]
