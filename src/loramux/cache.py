@@ -252,31 +252,38 @@ class AdapterCache:
             failures, self._failures = self._failures, {}
             return failures
 
-    def start_load(self, name: str, protected: frozenset[str] = frozenset(), force: bool = False) -> bool:
+    def start_load(self, name: str, protected: frozenset[str] = frozenset(), force: bool = False) -> str:
         """Begin loading ``name`` in the background if it fits now, evicting unpinned LRU adapters.
 
         Adapters in ``protected`` (wanted by waiting requests) are evicted only with ``force``.
-        Returns True if ``name`` is now loading or resident, False if there is no room yet.
-        Raises ``AdapterError`` if it can never fit, ``UnknownAdapterError`` if not registered.
+        Returns ``"resident"``, ``"loading"`` (started now or before), ``"busy"`` (too many loads in
+        flight) or ``"full"`` (no room until pinned adapters are released). Raises ``AdapterError``
+        if it can never fit, ``UnknownAdapterError`` if it is not registered.
         """
         path = self.registry.path_of(name)
         with self._lock:
-            if name in self._entries:
-                return True
+            entry = self._entries.get(name)
+            if entry is not None:
+                return entry.state
             if sum(e.state == "loading" for e in self._entries.values()) >= self.max_concurrent_loads:
-                return False
+                return "busy"
             need = estimate_nbytes(path, self._element_size)
             if self.max_bytes is not None and need > self.max_bytes:
                 raise AdapterError(f"adapter {name!r} needs about {need} bytes but max_adapter_bytes is {self.max_bytes}; "
                                    "raise max_adapter_bytes")
             victims = self._victims(need, protected, force)
             if victims is None:
-                return False
+                busy = any(e.pins or e.state == "loading" for e in self._entries.values())
+                if not busy and self._victims(need, frozenset(), True) is None:
+                    raise AdapterError(
+                        f"adapter {name!r} cannot be loaded: the resident adapters that cannot be evicted (loaded "
+                        f"outside the registry) fill max_loaded_adapters={self.max_loaded} / max_adapter_bytes={self.max_bytes}")
+                return "full"
             self._entries[name] = _Entry("loading", need)
         for victim in victims:
             self._evict(victim)
         self._pool.submit(self._load, name, path)
-        return True
+        return "loading"
 
     def _victims(self, need: int, protected: frozenset[str], force: bool) -> list[str] | None:
         """Unpinned adapters to evict so that one more of ``need`` bytes fits; None if impossible."""

@@ -209,6 +209,7 @@ class Request:
     counted: bool = False  # cache hit/miss already counted for this request
     generator: object | None = None  # torch.Generator for seeded sampling, made lazily
     detok: object | None = None  # IncrementalText, made by the engine
+    kv_part: object | None = None  # RowsKV of this request alone while its prompt is prefilled
 
     @property
     def max_new(self) -> int:
