@@ -1,0 +1,131 @@
+"""Oracle parity with PEFT: every supported adapter feature, alone and in mixed batches (fp32, atol 1e-5)."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from conftest import VOCAB, make_adapter, peft_oracle, tiny_gpt2, tiny_llama
+from loramux import MultiLoraModel
+
+ATOL = 1e-5
+
+LLAMA_FEATURES = {
+    "plain": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+    "rslora": dict(r=8, lora_alpha=4, use_rslora=True, target_modules=["k_proj", "o_proj"]),
+    "patterns": dict(r=4, lora_alpha=8, target_modules=["q_proj", "up_proj", "down_proj"],
+                     rank_pattern={"layers.1.mlp.up_proj": 2, "down_proj": 6}, alpha_pattern={"q_proj": 3}),
+    "regex": dict(r=4, target_modules=r".*\.(gate_proj|down_proj)"),
+    "all_linear_exclude": dict(r=2, target_modules="all-linear", exclude_modules=["k_proj", "gate_proj"]),
+    "layers": dict(r=4, target_modules=["q_proj", "v_proj"], layers_to_transform=[1], layers_pattern="layers"),
+    "embedding": dict(r=4, lora_alpha=16, target_modules=["embed_tokens", "v_proj"]),
+    "lora_bias": dict(r=4, target_modules=["q_proj", "down_proj"], lora_bias=True),
+    "dora": dict(r=4, target_modules=["q_proj", "v_proj", "up_proj"], use_dora=True),
+}
+
+
+@pytest.fixture(scope="module")
+def llama_setup(tmp_path_factory):
+    base = tiny_llama()
+    root = tmp_path_factory.mktemp("llama_adapters")
+    paths = {name: make_adapter(base, root / name, seed=i + 1, **kw) for i, (name, kw) in enumerate(LLAMA_FEATURES.items())}
+    oracle = peft_oracle(base, paths)
+    ours = MultiLoraModel(copy.deepcopy(base))
+    for name, path in paths.items():
+        ours.load_adapter(path, adapter_name=name)
+    return ours, oracle
+
+
+def _ids(batch: int, seq: int = 10, seed: int = 0) -> torch.Tensor:
+    torch.manual_seed(seed)
+    return torch.randint(3, VOCAB, (batch, seq))
+
+
+@pytest.mark.parametrize("name", list(LLAMA_FEATURES))
+def test_llama_single_adapter_matches_peft(llama_setup, name):
+    ours, oracle = llama_setup
+    ids = _ids(3)
+    oracle.set_adapter(name)
+    with torch.no_grad():
+        expected = oracle(input_ids=ids).logits
+        got = ours(input_ids=ids, adapter_names=[name] * 3).logits
+        base_logits = ours(input_ids=ids).logits
+    assert not torch.allclose(expected, base_logits, atol=1e-3), "adapter must change the output, or the test proves nothing"
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
+
+
+def test_llama_mixed_batch_matches_peft_adapter_names(llama_setup):
+    ours, oracle = llama_setup
+    names = [n for n in LLAMA_FEATURES if n != "dora"]  # PEFT refuses DoRA in mixed batches
+    rows = names + ["__base__"] + names[::-1]
+    ids = _ids(len(rows), seed=1)
+    with torch.no_grad():
+        expected = oracle(input_ids=ids, adapter_names=rows).logits
+        got = ours(input_ids=ids, adapter_names=rows).logits
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
+
+
+def test_dora_rows_in_mixed_batch_equal_solo_runs(llama_setup):
+    ours, _ = llama_setup
+    rows = ["dora", "plain", "dora", "__base__", "embedding", "dora"]
+    ids = _ids(len(rows), seed=2)
+    with torch.no_grad():
+        mixed = ours(input_ids=ids, adapter_names=rows).logits
+        for i, name in enumerate(rows):
+            solo = ours(input_ids=ids[i:i + 1], adapter_names=[name]).logits
+            torch.testing.assert_close(mixed[i:i + 1], solo, atol=ATOL, rtol=0)
+
+
+def test_gpt2_conv1d_fan_in_fan_out_matches_peft(tmp_path):
+    base = tiny_gpt2()
+    paths = {
+        "attn": make_adapter(base, tmp_path / "attn", seed=3, r=4, target_modules=["c_attn"], fan_in_fan_out=True),
+        "mlp": make_adapter(base, tmp_path / "mlp", seed=4, r=8, lora_alpha=4, target_modules=["c_fc", "c_proj"],
+                            fan_in_fan_out=True),
+        "dora": make_adapter(base, tmp_path / "dora", seed=5, r=4, target_modules=["c_attn"], fan_in_fan_out=True, use_dora=True),
+    }
+    oracle = peft_oracle(base, paths)
+    ours = MultiLoraModel(copy.deepcopy(base))
+    for name, path in paths.items():
+        ours.load_adapter(path, adapter_name=name)
+    ids = _ids(5, seed=3)
+    rows = ["attn", "mlp", "__base__", "mlp", "attn"]
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=ids, adapter_names=rows).logits,
+                                   oracle(input_ids=ids, adapter_names=rows).logits, atol=ATOL, rtol=0)
+        oracle.set_adapter("dora")
+        torch.testing.assert_close(ours(input_ids=ids, adapter_names="dora").logits, oracle(input_ids=ids).logits,
+                                   atol=ATOL, rtol=0)
+
+
+def test_modules_to_save_sequence_classification_mixed(tmp_path):
+    from transformers import LlamaForSequenceClassification
+
+    base = tiny_llama(cls=LlamaForSequenceClassification, num_labels=3)
+    paths = {
+        "cls1": make_adapter(base, tmp_path / "c1", seed=6, r=4, target_modules=["q_proj"], task_type="SEQ_CLS"),
+        "cls2": make_adapter(base, tmp_path / "c2", seed=7, r=2, target_modules=["v_proj"], task_type="SEQ_CLS"),
+    }
+    for path in paths.values():  # a head that differs from the base's, or the test proves nothing
+        from safetensors.torch import load_file, save_file
+        tensors = load_file(str(path / "adapter_model.safetensors"))
+        assert "base_model.model.score.weight" in tensors
+        tensors["base_model.model.score.weight"] = torch.randn_like(tensors["base_model.model.score.weight"])
+        save_file(tensors, str(path / "adapter_model.safetensors"))
+    oracle = peft_oracle(base, paths)
+    ours = MultiLoraModel(copy.deepcopy(base))
+    for name, path in paths.items():
+        assert ours.load_adapter(path, adapter_name=name).modules_to_save == ("score",)
+    ids = _ids(4, seed=4)
+    rows = ["cls1", "cls2", "__base__", "cls1"]
+    with torch.no_grad():
+        got = ours(input_ids=ids, adapter_names=rows).logits
+        for i, name in enumerate(rows):
+            if name == "__base__":
+                with oracle.disable_adapter():
+                    expected = oracle(input_ids=ids[i:i + 1]).logits
+            else:
+                oracle.set_adapter(name)
+                expected = oracle(input_ids=ids[i:i + 1]).logits
+            torch.testing.assert_close(got[i:i + 1], expected, atol=ATOL, rtol=0)

@@ -1,0 +1,136 @@
+"""Routing is data: generate on mixed left-padded batches, threads, asyncio tasks, defaults, beams."""
+from __future__ import annotations
+
+import asyncio
+import copy
+import threading
+
+import pytest
+import torch
+
+from conftest import VOCAB, make_adapter, tiny_llama
+from loramux import MultiLoraModel, UnknownAdapterError
+
+NAMES = ["a", "b", "c"]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    base = tiny_llama(seed=5)
+    root = tmp_path_factory.mktemp("routing")
+    m = MultiLoraModel(base)
+    specs = {"a": dict(r=4, target_modules=["q_proj", "v_proj"]), "b": dict(r=8, target_modules=["o_proj", "up_proj"]),
+             "c": dict(r=2, target_modules=["down_proj", "embed_tokens"], use_rslora=True)}
+    for i, (name, kw) in enumerate(specs.items()):
+        m.load_adapter(make_adapter(base, root / name, seed=10 + i, lora_alpha=32, **kw), adapter_name=name)
+    return m
+
+
+def _prompts(n: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, VOCAB, (int(torch.randint(2, 9, (1,), generator=g)),), generator=g).tolist() for _ in range(n)]
+
+
+def _left_pad(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    return ids, mask
+
+
+def test_greedy_generate_mixed_left_padded_equals_each_row_alone(model):
+    prompts = _prompts(6)
+    rows = ["a", "b", "__base__", "c", "a", "b"]
+    ids, mask = _left_pad(prompts)
+    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None)
+    batch = model.generate(input_ids=ids, attention_mask=mask, adapter_names=rows, **kw)[:, ids.shape[1]:]
+    outputs = {tuple(batch[i].tolist()) for i in range(len(rows))}
+    assert len(outputs) > 2, "adapters must change the generated tokens"
+    for i, (prompt, name) in enumerate(zip(prompts, rows)):
+        solo = model.generate(input_ids=torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                              adapter_names=[name], **kw)[0, len(prompt):]
+        assert batch[i].tolist() == solo.tolist(), f"row {i} ({name})"
+
+
+def test_beam_search_rows_follow_their_adapter(model):
+    prompts = _prompts(2, seed=3)
+    ids, mask = _left_pad(prompts)
+    kw = dict(max_new_tokens=5, num_beams=3, do_sample=False, pad_token_id=0, eos_token_id=None)
+    batch = model.generate(input_ids=ids, attention_mask=mask, adapter_names=["a", "b"], **kw)[:, ids.shape[1]:]
+    for i, name in enumerate(["a", "b"]):
+        solo = model.generate(input_ids=torch.tensor([prompts[i]]), adapter_names=[name], **kw)[0, len(prompts[i]):]
+        assert batch[i].tolist() == solo.tolist()
+
+
+def _solo_logits(model, ids):
+    with torch.no_grad():
+        return {name: model(input_ids=ids, adapter_names=[name] * len(ids)).logits for name in NAMES + ["__base__"]}
+
+
+def test_threads_each_get_their_own_adapter(model):
+    torch.manual_seed(0)
+    ids = torch.randint(3, VOCAB, (2, 12))
+    expected = _solo_logits(model, ids)
+    errors: list[str] = []
+
+    def worker(k: int) -> None:
+        for step in range(6):
+            name = (NAMES + ["__base__"])[(k + step) % 4]
+            with torch.no_grad():
+                if step % 2:
+                    with model.adapter(name):  # context-local default
+                        got = model(input_ids=ids).logits
+                else:
+                    got = model(input_ids=ids, adapter_names=[name, name]).logits
+            if not torch.allclose(got, expected[name], atol=1e-6):
+                errors.append(f"thread {k} step {step}: {name}")
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+
+
+def test_asyncio_tasks_have_their_own_context_default(model):
+    torch.manual_seed(1)
+    ids = torch.randint(3, VOCAB, (1, 6))
+    expected = _solo_logits(model, ids)
+
+    async def task(name: str) -> bool:
+        with model.adapter(name):
+            await asyncio.sleep(0.01)  # let the other tasks enter their own blocks
+            with torch.no_grad():
+                return torch.allclose(model(input_ids=ids).logits, expected[name], atol=1e-6)
+
+    async def main():
+        return await asyncio.gather(*(task(n) for n in NAMES * 3))
+
+    assert all(asyncio.run(main()))
+
+
+def test_defaults_precedence_and_o1_set_adapter(model):
+    torch.manual_seed(2)
+    ids = torch.randint(3, VOCAB, (1, 6))
+    expected = _solo_logits(model, ids)
+    with torch.no_grad():
+        try:
+            model.set_adapter("b")
+            assert torch.allclose(model(input_ids=ids).logits, expected["b"])
+            with model.adapter("c"):
+                assert torch.allclose(model(input_ids=ids).logits, expected["c"])
+                assert torch.allclose(model(input_ids=ids, adapter_names=["a"]).logits, expected["a"])
+            with model.adapter(None):
+                assert torch.allclose(model(input_ids=ids).logits, expected["__base__"])
+        finally:
+            model.set_adapter(None)
+        assert torch.allclose(model(input_ids=ids).logits, expected["__base__"])
+    with pytest.raises(UnknownAdapterError, match="'nope'.*loaded: \\['a', 'b', 'c'\\]"):
+        model.set_adapter("nope")
+
+
+def test_no_active_adapter_attribute_on_modules(model):
+    # routing state lives in the call's context, never on modules
+    for module in model.base_model.modules():
+        assert not hasattr(module, "active_adapter")
