@@ -1,0 +1,105 @@
+"""Load/delete lifecycle: memory is released, slots are reused, and in-flight calls keep their weights."""
+from __future__ import annotations
+
+import copy
+import gc
+import threading
+
+import psutil
+import pytest
+import torch
+
+from conftest import VOCAB, make_adapter, tiny_llama
+from loramux import MultiLoraModel, UnknownAdapterError
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    base = tiny_llama(seed=21, hidden_size=64, intermediate_size=128)
+    root = tmp_path_factory.mktemp("life")
+    a = make_adapter(base, root / "a", seed=1, r=8, target_modules=["q_proj", "v_proj", "up_proj"])
+    b = make_adapter(base, root / "b", seed=2, r=16, target_modules=["o_proj", "down_proj"])
+    return base, a, b
+
+
+def test_nbytes_is_parameter_bytes_and_report_adds_up(setup):
+    base, a, b = setup
+    m = MultiLoraModel(copy.deepcopy(base))
+    info = m.load_adapter(a, adapter_name="a")
+    # q: (8x64 + 64x8); v (2 kv heads of 16): (8x64 + 32x8); up: (8x64 + 128x8); 2 layers; fp32
+    assert info.nbytes == 2 * 4 * ((8 * 64 + 64 * 8) + (8 * 64 + 32 * 8) + (8 * 64 + 128 * 8))
+    assert info.rank == 8 and len(info.target_modules) == 6
+    m.load_adapter(b, adapter_name="b")
+    report = m.memory_report()
+    assert report["total_bytes"] == report["base_bytes"] + info.nbytes + m.adapters["b"].nbytes
+    assert report["full_copies_bytes"] == 2 * report["base_bytes"]
+
+
+def test_delete_frees_slots_and_memory_over_many_cycles(setup):
+    base, a, b = setup
+    m = MultiLoraModel(copy.deepcopy(base))
+    m.load_adapter(b, adapter_name="keep")
+    proc = psutil.Process()
+    for i in range(3):  # warm-up: allocator pools settle
+        m.load_adapter(a, adapter_name="tmp")
+        m.delete_adapter("tmp")
+    gc.collect()
+    rss_before = proc.memory_info().rss
+    for i in range(60):
+        info = m.load_adapter(a, adapter_name=f"tmp{i}")
+        assert info.slot == 1, "a freed slot is reused: slot count does not grow"
+        m.delete_adapter(f"tmp{i}")
+    gc.collect()
+    growth = proc.memory_info().rss - rss_before
+    assert growth < 20 * info.nbytes, f"RSS grew by {growth} bytes over 60 load/delete cycles"
+    assert all(w.slots.count == (1 if 0 in w.slots.occupied() else 0) for w in m._wrappers.values())
+    assert list(m.adapters) == ["keep"]
+
+
+def test_delete_and_replace_during_a_running_call(setup):
+    """A call in flight keeps the weights it started with; the deleted slot is freed when it returns."""
+    base, a, b = setup
+    m = MultiLoraModel(copy.deepcopy(base))
+    m.load_adapter(a, adapter_name="x")
+    torch.manual_seed(0)
+    ids = torch.randint(3, VOCAB, (1, 6))
+    with torch.no_grad():
+        expected_a = m(input_ids=ids, adapter_names="x").logits
+    entered, release = threading.Event(), threading.Event()
+    layer = m._wrappers["model.layers.1.self_attn.q_proj"]
+
+    def pause(*_):
+        entered.set()
+        release.wait(10)
+
+    handle = layer.register_forward_pre_hook(pause)
+    result = {}
+    t = threading.Thread(target=lambda: result.setdefault("out", m(input_ids=ids, adapter_names="x").logits.detach()))
+    t.start()
+    assert entered.wait(10)
+    handle.remove()
+    old_slot = m.adapters["x"].slot
+    m.load_adapter(b, adapter_name="x", replace=True)   # hot swap while the call is half-way
+    assert m.adapters["x"].slot != old_slot
+    assert layer.slots.get(old_slot) is not None, "old weights stay while a call uses them"
+    release.set()
+    t.join()
+    torch.testing.assert_close(result["out"], expected_a, atol=0, rtol=0)
+    assert layer.slots.get(old_slot) is None, "freed once the call returned"
+    with torch.no_grad():
+        assert not torch.allclose(m(input_ids=ids, adapter_names="x").logits, expected_a)
+    m.delete_adapter("x")
+    with pytest.raises(UnknownAdapterError):
+        m(input_ids=ids, adapter_names="x")
+
+
+def test_wrapped_layer_without_batch_adapters_returns_base_output(setup):
+    base, a, _ = setup
+    m = MultiLoraModel(copy.deepcopy(base))
+    m.load_adapter(a, adapter_name="a")
+    torch.manual_seed(1)
+    ids = torch.randint(3, VOCAB, (2, 5))
+    with torch.no_grad():
+        torch.testing.assert_close(m(input_ids=ids, adapter_names=["__base__"] * 2).logits, base(input_ids=ids).logits,
+                                   atol=0, rtol=0)
+        torch.testing.assert_close(m(input_ids=ids).logits, base(input_ids=ids).logits, atol=0, rtol=0)
