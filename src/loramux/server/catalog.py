@@ -1,0 +1,121 @@
+"""What ``model`` names the server knows, and runtime load/unload, on top of the engine's registry.
+
+The registry (``loramux.cache.AdapterRegistry``) is the single source of truth: a name is served
+if the registry knows it (registered, or a sub-directory of an adapter root) or the model already
+holds it. This module adds only what HTTP needs: model cards for ``/v1/models``, and runtime
+loading that validates the adapter *before* announcing it, so a corrupt file is a 400 on
+``/v1/load_lora_adapter`` instead of a failure on some later completion.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from .config import ServerConfig
+from .errors import APIError
+
+logger = logging.getLogger(__name__)
+
+
+class Catalog:
+    def __init__(self, engine: Any, config: ServerConfig, registry: Any = None) -> None:
+        self.engine = engine
+        self.config = config
+        self.registry = registry if registry is not None else getattr(engine, "registry", None)
+        if self.registry is None:
+            raise ValueError("the engine exposes no adapter registry; pass registry= to create_app")
+        self.created = int(time.time())
+        self._lock = asyncio.Lock()  # serialises runtime load/unload against each other
+        self._runtime: set[str] = set()  # names registered through the HTTP API
+
+    # -- queries --------------------------------------------------------------------------------
+    def _model_adapters(self) -> list[str]:
+        model = getattr(self.engine, "model", None)
+        return list(getattr(model, "adapters", {}) or {})
+
+    def adapter_names(self) -> list[str]:
+        names = dict.fromkeys(self.registry.names())
+        for name in self._model_adapters():
+            names.setdefault(name, None)
+        names.pop(self.config.base_name, None)
+        return list(names)
+
+    def has(self, name: str) -> bool:
+        if name == self.config.base_name:
+            return False
+        try:
+            return name in self.registry or name in self._model_adapters()
+        except Exception:  # an invalid name (slashes, dots) is simply not an adapter
+            return False
+
+    def model_ids(self) -> list[str]:
+        return [self.config.base_name, *self.adapter_names()]
+
+    def path_of(self, name: str) -> str | None:
+        try:
+            return str(self.registry.path_of(name))
+        except Exception:
+            model = getattr(self.engine, "model", None)
+            info = (getattr(model, "adapters", {}) or {}).get(name)
+            return str(info.path) if info is not None and getattr(info, "path", None) else None
+
+    def model_cards(self) -> list[dict[str, Any]]:
+        """``/v1/models`` entries as vLLM writes them: adapters name the base as ``parent``."""
+        base = self.config.base_name
+        cards = [_card(base, self.config.base_path or base, None, self.created)]
+        cards += [_card(name, self.path_of(name), base, self.created) for name in self.adapter_names()]
+        return cards
+
+    def load_failed(self, adapter: str, error: str) -> bool:
+        """Whether an engine error on a request for ``adapter`` came from loading that adapter."""
+        return "adapter" in error.lower() or adapter in error
+
+    # -- runtime loading --------------------------------------------------------------------------
+    async def load(self, name: str, real_path: str) -> None:
+        """Validate the adapter at ``real_path`` (read it fully, off the event loop), then register it."""
+        async with self._lock:
+            if self.has(name):
+                raise APIError(400, f"adapter {name!r} is already loaded; unload it first or choose another name",
+                               param="lora_name", code="adapter_exists")
+            await asyncio.to_thread(self._validate, real_path)
+            try:
+                self.registry.register(name, real_path)
+            except Exception as exc:
+                raise APIError(400, f"cannot register adapter {name!r}: {exc}", param="lora_name",
+                               code="invalid_adapter") from None
+            self._runtime.add(name)
+            logger.info("runtime-loaded adapter %s from %s", name, real_path)
+
+    def _validate(self, real_path: str) -> None:
+        from ..adapter import read_adapter  # lazy: torch
+        from ..errors import AdapterError
+
+        try:
+            read_adapter(real_path, allow_pickle=getattr(self.config, "allow_pickle", False))
+        except AdapterError as exc:
+            raise APIError(400, f"invalid adapter at {real_path!r}: {exc}", param="lora_path",
+                           code="invalid_adapter") from None
+        except (OSError, ValueError) as exc:
+            raise APIError(400, f"cannot read adapter at {real_path!r}: {exc}", param="lora_path",
+                           code="invalid_adapter") from None
+
+    async def unload(self, name: str) -> None:
+        """Forget a runtime-loaded adapter; requests already running with it finish normally."""
+        async with self._lock:
+            if not self.has(name):
+                raise APIError(404, f"adapter {name!r} is not loaded; loaded: {', '.join(self.adapter_names()) or 'none'}",
+                               param="lora_name", code="model_not_found")
+            if name not in self._runtime:
+                raise APIError(400, f"adapter {name!r} was not loaded at runtime (it comes from --adapter or an "
+                               "adapter root); restart the server without it to stop serving it",
+                               param="lora_name", code="not_runtime_loaded")
+            self.registry.unregister(name)
+            self._runtime.discard(name)
+            logger.info("runtime-unloaded adapter %s", name)
+
+
+def _card(model_id: str, root: str | None, parent: str | None, created: int) -> dict[str, Any]:
+    return {"id": model_id, "object": "model", "created": created, "owned_by": "loramux",
+            "root": root, "parent": parent, "permission": []}
