@@ -5,7 +5,8 @@ from conftest import make_adapter, tiny_llama
 from loramux.cli import main
 
 
-def test_inspect_lists_modules_and_ranks(tmp_path, capsys):
+def test_inspect_lists_modules_and_ranks(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "160")
     path = make_adapter(tiny_llama(), tmp_path / "a", r=4, lora_alpha=16, target_modules=["q_proj"], use_dora=True)
     assert main(["inspect", str(path)]) == 0
     out = capsys.readouterr().out

@@ -27,7 +27,8 @@ def run(args: argparse.Namespace) -> int:
         cfg = adapter.config
         table = Table(title=f"{path}  (r={cfg.r}, alpha={cfg.lora_alpha}{', rsLoRA' if cfg.use_rslora else ''}"
                             f"{', DoRA' if cfg.use_dora else ''}, {adapter.nbytes / 1e6:.2f} MB)")
-        for column in ("module", "rank", "scaling", "A", "B", "extras"):
+        table.add_column("module", overflow="fold")  # never cut a module name
+        for column in ("rank", "scaling", "A", "B", "extras"):
             table.add_column(column)
         for name, mw in sorted(adapter.modules.items()):
             if mw.lora_A is None:
