@@ -34,6 +34,7 @@ class BatchMapping:
     row_slots: tuple[int, ...]
     merged: bool = False  # the batch's adapter is merged into W0: LoRA layers add nothing
     _groups: dict = field(default_factory=dict, repr=False, compare=False)     # device -> groups
+    _positions: dict = field(default_factory=dict, repr=False, compare=False)  # device -> (B,) positions
     _expanded: dict = field(default_factory=dict, repr=False, compare=False)   # factor -> mapping
 
     @property
@@ -49,6 +50,20 @@ class BatchMapping:
         cached = self._groups.get(device)
         if cached is None:
             cached = self._groups[device] = tuple(self._build_groups(device))
+        return cached
+
+    @property
+    def present(self) -> tuple[int, ...]:
+        """Distinct non-base slots, in order of first appearance."""
+        return tuple(dict.fromkeys(s for s in self.row_slots if s != BASE_SLOT))
+
+    def positions(self, device: torch.device) -> torch.Tensor:
+        """(B,) index of each row's slot in ``present``; base rows point one past the end."""
+        cached = self._positions.get(device)
+        if cached is None:
+            index = {slot: i for i, slot in enumerate(self.present)}
+            cached = torch.tensor([index.get(s, len(index)) for s in self.row_slots], dtype=torch.long, device=device)
+            self._positions[device] = cached
         return cached
 
     def _build_groups(self, device: torch.device) -> Iterator[Group]:

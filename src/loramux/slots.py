@@ -36,7 +36,9 @@ class SlotTable:
 
     def __init__(self) -> None:
         self.entries: list[object | None] = []
-        self.count = 0  # occupied slots: a layer with none skips all routing work
+        self.count = 0    # occupied slots: a layer with none skips all routing work
+        self.version = 0  # bumped on every change: derived caches (ops.concat_cache) compare it
+        self.concat_cache: tuple | None = None
 
     def get(self, slot: int) -> object | None:
         return self.entries[slot] if 0 <= slot < len(self.entries) else None
@@ -47,11 +49,14 @@ class SlotTable:
         if self.entries[slot] is None:
             self.count += 1
         self.entries[slot] = entry
+        self.version += 1
 
     def clear(self, slot: int) -> None:
         if self.get(slot) is not None:
             self.entries[slot] = None
             self.count -= 1
+            self.version += 1
+            self.concat_cache = None  # release the copies of freed weights at once
 
     def occupied(self) -> list[int]:
         return [slot for slot, entry in enumerate(self.entries) if entry is not None]
