@@ -36,3 +36,53 @@ def tiny_world(tmp_path_factory):
     os.symlink(outside, runtime / "link_out")
     return {"top": top, "base": top / "base", "root": top / "root", "runtime": runtime, "adapters": adapters,
             "outside": outside, "good": good, "corrupt": corrupt, "model": model, "tokenizer": tokenizer}
+
+
+class Oracle:
+    """What ``MultiLoraModel.generate`` answers for one prompt and adapter, alone, greedily."""
+
+    def __init__(self, world) -> None:
+        from loramux import MultiLoraModel
+        from loramux.base import load_base
+
+        model, self.tokenizer = load_base(str(world["base"]))
+        self.model = MultiLoraModel(model)
+        for name, path in world["adapters"].items():
+            self.model.load_adapter(str(path), adapter_name=name)
+        self.model.load_adapter(str(world["good"]), adapter_name="good")
+        self.eos = self.tokenizer.eos_token_id
+        self._memo: dict = {}
+
+    def prompt_ids(self, prompt) -> list[int]:
+        return list(prompt) if isinstance(prompt, list) else list(self.tokenizer(prompt)["input_ids"])
+
+    def chat_ids(self, messages) -> list[int]:
+        return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                       return_dict=True)["input_ids"])
+
+    def text(self, ids: list[int], adapter: str | None, max_new: int) -> str:
+        import torch
+
+        key = (tuple(ids), adapter, max_new)
+        if key not in self._memo:
+            x = torch.tensor([ids])
+            with torch.inference_mode():
+                out = self.model.generate(input_ids=x, attention_mask=torch.ones_like(x), adapter_names=[adapter],
+                                          max_new_tokens=max_new, do_sample=False, eos_token_id=self.eos,
+                                          pad_token_id=self.tokenizer.pad_token_id)
+            new = out[0, len(ids):].tolist()
+            if self.eos in new:
+                new = new[: new.index(self.eos)]
+            self._memo[key] = self.tokenizer.decode(new, skip_special_tokens=True)
+        return self._memo[key]
+
+    def completion(self, prompt, adapter: str | None, max_new: int) -> str:
+        return self.text(self.prompt_ids(prompt), adapter, max_new)
+
+    def chat(self, messages, adapter: str | None, max_new: int) -> str:
+        return self.text(self.chat_ids(messages), adapter, max_new)
+
+
+@pytest.fixture(scope="session")
+def oracle(tiny_world):
+    return Oracle(tiny_world)

@@ -1,8 +1,7 @@
 """What ``model`` names the server knows, and runtime load/unload, on top of the engine's registry.
 
 The registry (``loramux.cache.AdapterRegistry``) is the single source of truth: a name is served
-if the registry knows it (registered, or a sub-directory of an adapter root) or the model already
-holds it. This module adds only what HTTP needs: model cards for ``/v1/models``, and runtime
+if and only if the registry knows it (registered, or a sub-directory of an adapter root). This module adds only what HTTP needs: model cards for ``/v1/models``, and runtime
 loading that validates the adapter *before* announcing it, so a corrupt file is a 400 on
 ``/v1/load_lora_adapter`` instead of a failure on some later completion.
 """
@@ -31,22 +30,16 @@ class Catalog:
         self._runtime: set[str] = set()  # names registered through the HTTP API
 
     # -- queries --------------------------------------------------------------------------------
-    def _model_adapters(self) -> list[str]:
-        model = getattr(self.engine, "model", None)
-        return list(getattr(model, "adapters", {}) or {})
-
     def adapter_names(self) -> list[str]:
-        names = dict.fromkeys(self.registry.names())
-        for name in self._model_adapters():
-            names.setdefault(name, None)
-        names.pop(self.config.base_name, None)
-        return list(names)
+        return [name for name in self.registry.names() if name != self.config.base_name]
 
     def has(self, name: str) -> bool:
+        """Served names are the registry's: an unloaded adapter whose weights are still resident
+        (until the engine's cache evicts them) is not served any more."""
         if name == self.config.base_name:
             return False
         try:
-            return name in self.registry or name in self._model_adapters()
+            return name in self.registry
         except Exception:  # an invalid name (slashes, dots) is simply not an adapter
             return False
 
@@ -56,10 +49,8 @@ class Catalog:
     def path_of(self, name: str) -> str | None:
         try:
             return str(self.registry.path_of(name))
-        except Exception:
-            model = getattr(self.engine, "model", None)
-            info = (getattr(model, "adapters", {}) or {}).get(name)
-            return str(info.path) if info is not None and getattr(info, "path", None) else None
+        except Exception:  # unregistered between names() and here
+            return None
 
     def model_cards(self) -> list[dict[str, Any]]:
         """``/v1/models`` entries as vLLM writes them: adapters name the base as ``parent``."""
@@ -69,8 +60,16 @@ class Catalog:
         return cards
 
     def load_failed(self, adapter: str, error: str) -> bool:
-        """Whether an engine error on a request for ``adapter`` came from loading that adapter."""
-        return "adapter" in error.lower() or adapter in error
+        """Whether an engine error on a request for ``adapter`` came from loading that adapter.
+
+        The engine reports a failed load as ``"<ExceptionType>: <message>"`` on the request's
+        output; loader failures are ``loramux.errors.AdapterError`` subclasses or file errors.
+        """
+        from .. import errors
+
+        kind = error.split(":", 1)[0].strip()
+        loader_kinds = {c.__name__ for c in vars(errors).values() if isinstance(c, type) and issubclass(c, errors.AdapterError)}
+        return kind in loader_kinds | {"FileNotFoundError", "OSError", "SafetensorError", "HeaderTooLarge"}
 
     # -- runtime loading --------------------------------------------------------------------------
     async def load(self, name: str, real_path: str) -> None:
@@ -79,6 +78,10 @@ class Catalog:
             if self.has(name):
                 raise APIError(400, f"adapter {name!r} is already loaded; unload it first or choose another name",
                                param="lora_name", code="adapter_exists")
+            if self._still_resident(name):
+                raise APIError(409, f"adapter {name!r} was unloaded but its old weights are still resident until the "
+                               "cache evicts them; load it under another name", param="lora_name",
+                               code="adapter_still_resident")
             await asyncio.to_thread(self._validate, real_path)
             try:
                 self.registry.register(name, real_path)
@@ -87,6 +90,13 @@ class Catalog:
                                code="invalid_adapter") from None
             self._runtime.add(name)
             logger.info("runtime-loaded adapter %s from %s", name, real_path)
+
+    def _still_resident(self, name: str) -> bool:
+        cache = getattr(self.engine, "cache", None)
+        try:
+            return bool(cache is not None and (cache.is_resident(name) or cache.is_loading(name)))
+        except Exception:
+            return False
 
     def _validate(self, real_path: str) -> None:
         from ..adapter import read_adapter  # lazy: torch

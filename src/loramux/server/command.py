@@ -1,0 +1,177 @@
+"""``loramux serve``: the OpenAI-compatible server on one base model and many adapters.
+
+With no arguments: the embedded default base model and the bundled adapters on 127.0.0.1:8000.
+Module-level imports stay light (argparse only): ``loramux --help`` imports this module.
+
+Shutdown: SIGINT or SIGTERM stops accepting connections, lets running requests finish for up to
+``--shutdown-timeout`` seconds, cancels the rest (their engine requests are aborted), stops the
+engine and exits 0. A second SIGINT skips the wait.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import logging
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8000
+
+
+def _adapter_spec(value: str) -> tuple[str, str]:
+    name, sep, path = value.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"--adapter {value!r}: expected NAME=PATH, e.g. --adapter sql=./adapters/sql")
+    return name, path
+
+
+def _positive(value: str) -> int:
+    n = int(value)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+    return n
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("model and adapters")
+    g.add_argument("--base", default=None, metavar="PATH",
+                   help="base model: a local transformers directory or a .gguf file (default: the embedded SmolLM2-135M-Instruct)")
+    g.add_argument("--served-model-name", default=None, metavar="NAME",
+                   help="the `model` name that selects the base model (default: the base model's directory or file name)")
+    g.add_argument("--adapter", action="append", type=_adapter_spec, default=[], metavar="NAME=PATH",
+                   help="serve the PEFT adapter in PATH as model NAME (repeatable)")
+    g.add_argument("--adapter-root", action="append", default=[], metavar="DIR",
+                   help="serve every sub-directory of DIR as an adapter named after it, loaded on first use (repeatable); "
+                        "runtime loading reads only inside these directories")
+    g.add_argument("--no-bundled-adapters", action="store_true",
+                   help="with the default base model, do not serve the adapters shipped with loramux")
+    g.add_argument("--dtype", default=None, help="base model dtype (default float32)")
+    g.add_argument("--allow-pickle", action="store_true",
+                   help="also read adapter_model.bin (pickle can run code: only for adapters you trust)")
+
+    g = parser.add_argument_group("engine and cache limits")
+    g.add_argument("--max-loaded-adapters", type=_positive, default=32, help="adapters resident at once (default 32)")
+    g.add_argument("--max-adapter-bytes", type=_positive, default=None, help="byte budget of resident adapters")
+    g.add_argument("--max-running", type=_positive, default=16, help="sequences in the running batch (default 16)")
+    g.add_argument("--max-kv-tokens", type=_positive, default=16384, help="KV-cache tokens reserved at once (default 16384)")
+    g.add_argument("--max-waiting", type=_positive, default=1024,
+                   help="queued requests before new ones get 503 (default 1024)")
+    g.add_argument("--threads", type=_positive, default=None, help="torch CPU threads (default: torch's choice)")
+
+    g = parser.add_argument_group("HTTP")
+    g.add_argument("--host", default=DEFAULT_HOST, help=f"bind address (default {DEFAULT_HOST})")
+    g.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
+    g.add_argument("--api-key", default=os.environ.get("LORAMUX_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $LORAMUX_API_KEY, else no auth)")
+    g.add_argument("--allow-runtime-loading", action="store_true",
+                   help="enable POST /v1/load_lora_adapter and /v1/unload_lora_adapter (paths inside --adapter-root only)")
+    g.add_argument("--max-body-bytes", type=_positive, default=1 << 20, help="largest request body (default 1 MiB)")
+    g.add_argument("--shutdown-timeout", type=float, default=10.0,
+                   help="seconds running requests get to finish after SIGINT/SIGTERM before they are aborted (default 10)")
+    g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                   help="uvicorn log level (default info)")
+
+
+def base_model_name(base: str | None) -> str:
+    if base is None:
+        from ..base import DEFAULT_GGUF_NAME
+
+        return DEFAULT_GGUF_NAME.split(".")[0]  # SmolLM2-135M-Instruct
+    path = Path(base)
+    return path.stem.split(".")[0] if path.suffix == ".gguf" else path.resolve().name
+
+
+def bundled_adapters_dir() -> Path | None:
+    """``src/loramux/adapters/``: the task adapters shipped with the package (one per sub-directory)."""
+    path = Path(__file__).resolve().parent.parent / "adapters"
+    return path if path.is_dir() else None
+
+
+def build_engine(args: argparse.Namespace) -> tuple[Any, Any, Any]:
+    """Load the base model, wrap it, register the adapters, start the engine; (engine, tokenizer, registry)."""
+    import torch
+
+    from ..base import load_base
+    from ..engine import AdapterRegistry, Engine
+    from ..model import MultiLoraModel
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    registry = AdapterRegistry()
+    for name, path in args.adapter:
+        registry.register(name, path)
+    for root in args.adapter_root:
+        count = registry.add_root(root)
+        logger.info("adapter root %s: %d adapters", root, count)
+    bundled = bundled_adapters_dir()
+    if args.base is None and not args.no_bundled_adapters and bundled is not None:
+        logger.info("bundled adapters: %d", registry.add_root(bundled))
+    model, tokenizer = load_base(args.base, dtype=args.dtype)
+    wrapped = MultiLoraModel(model)
+    if args.allow_pickle:
+        # the engine's cache calls model.load_adapter(path, adapter_name=, replace=) without this flag;
+        # binding it on this one instance is how --allow-pickle reaches loads made on first use
+        wrapped.load_adapter = functools.partial(wrapped.load_adapter, allow_pickle=True)  # type: ignore[method-assign]
+    engine = Engine(wrapped, tokenizer, registry=registry, max_running=args.max_running,
+                    max_kv_tokens=args.max_kv_tokens, max_loaded_adapters=args.max_loaded_adapters,
+                    max_adapter_bytes=args.max_adapter_bytes, max_waiting=args.max_waiting)
+    return engine.start(), tokenizer, registry
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .app import create_app
+    from .config import ServerConfig
+
+    try:  # flag errors first, before seconds of model loading
+        config = ServerConfig(base_name=args.served_model_name or base_model_name(args.base),
+                              base_path=str(Path(args.base).resolve()) if args.base else None,
+                              api_key=args.api_key or None, allow_runtime_loading=args.allow_runtime_loading,
+                              allow_pickle=args.allow_pickle, adapter_roots=tuple(args.adapter_root),
+                              max_body_bytes=args.max_body_bytes)
+    except ValueError as exc:
+        logger.error("%s", exc)
+        return 2
+    if not 0 <= args.port < 65536:
+        logger.error("--port %d is not a TCP port (0-65535)", args.port)
+        return 2
+
+    engine, tokenizer, registry = build_engine(args)
+    app = create_app(engine, tokenizer, config, registry=registry)
+    state = app.state.loramux
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                           lifespan="off", timeout_graceful_shutdown=args.shutdown_timeout,
+                                           access_log=args.log_level == "debug"))
+    # uvicorn catches SIGINT/SIGTERM itself, and re-raises the signal to the handler it found at start
+    # once it has shut down; a no-op handler here turns that re-raise into a plain exit 0.
+    previous = {sig: signal.signal(sig, _ignore) for sig in (signal.SIGINT, signal.SIGTERM)}
+    original_exit = server.handle_exit
+
+    def handle_exit(sig: int, frame: Any) -> None:
+        state.closing = True  # /health says 503, new requests on open connections get 503
+        original_exit(sig, frame)
+
+    server.handle_exit = handle_exit  # type: ignore[method-assign]
+    logger.info("serving %s and %d adapters on http://%s:%d", config.base_name, len(registry.names()),
+                args.host, args.port)
+    try:
+        server.run()
+    finally:
+        state.closing = True
+        engine.shutdown(abort=True, timeout=args.shutdown_timeout)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if not server.started:  # could not bind, or startup failed
+        logger.error("the server did not start (see the log above)")
+        return 1
+    logger.info("shut down cleanly")
+    return 0
+
+
+def _ignore(signum: int, frame: Any) -> None:
+    return None
