@@ -103,3 +103,17 @@ def test_wrapped_layer_without_batch_adapters_returns_base_output(setup):
         torch.testing.assert_close(m(input_ids=ids, adapter_names=["__base__"] * 2).logits, base(input_ids=ids).logits,
                                    atol=0, rtol=0)
         torch.testing.assert_close(m(input_ids=ids).logits, base(input_ids=ids).logits, atol=0, rtol=0)
+
+
+def test_load_from_a_parsed_adapter_file(setup):
+    from loramux.adapter import read_adapter
+
+    base, a, _ = setup
+    m = MultiLoraModel(copy.deepcopy(base))
+    parsed = read_adapter(a)
+    m.load_adapter(parsed, adapter_name="p")
+    m.load_adapter(a, adapter_name="d")
+    assert m.adapters["p"].path == str(a) and m.adapters["p"].nbytes == m.adapters["d"].nbytes
+    ids = torch.randint(3, VOCAB, (1, 5))
+    with torch.no_grad():
+        torch.testing.assert_close(m(input_ids=ids, adapter_names="p").logits, m(input_ids=ids, adapter_names="d").logits)

@@ -22,7 +22,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from loramux.adapter import read_adapter
+from loramux.adapter import AdapterFile, read_adapter
 from loramux.combine import combine_layer
 from loramux.errors import (AdapterConfigError, AdapterExistsError, AdapterNamesError, MergedAdapterError,
                             TargetModuleError, UnknownAdapterError)
@@ -69,6 +69,8 @@ class _SlotState:
 class MultiLoraModel(nn.Module):
     """Wrap ``base_model`` (in place, no copy) so adapters can be loaded beside it and mixed per row."""
 
+    accepts_parsed_adapters = True  # load_adapter takes an AdapterFile too (the engine's host-memory tier)
+
     def __init__(self, base_model: nn.Module) -> None:
         super().__init__()
         self.base_model = base_model
@@ -110,16 +112,19 @@ class MultiLoraModel(nn.Module):
         return self._merged
 
     # ------------------------------------------------------------------ loading
-    def load_adapter(self, path: str | Path, adapter_name: str | None = None, *, replace: bool = False,
+    def load_adapter(self, path: str | Path | AdapterFile, adapter_name: str | None = None, *, replace: bool = False,
                      allow_pickle: bool = False) -> AdapterInfo:
         """Read a PEFT adapter directory and add it under ``adapter_name`` (default: the directory name).
 
-        Atomic: every check runs before the model changes. ``replace=True`` hot-swaps an adapter of the
-        same name; calls already running finish with the old weights.
+        ``path`` may also be an already parsed :class:`AdapterFile` (``read_adapter``), as a host-memory
+        cache tier keeps them. Atomic: every check runs before the model changes. ``replace=True``
+        hot-swaps an adapter of the same name; calls already running finish with the old weights.
         """
+        adapter = path if isinstance(path, AdapterFile) else None
+        path = adapter.path if adapter is not None else path
         name = adapter_name if adapter_name is not None else Path(path).name
         self._check_new_name(name, replace)
-        adapter = read_adapter(path, allow_pickle=allow_pickle)
+        adapter = adapter or read_adapter(path, allow_pickle=allow_pickle)
         plan = plan_load(adapter, self._originals)
         info = self._commit(name, plan, path=str(path), use_dora=adapter.config.use_dora, replace=replace)
         logger.info("loaded adapter %r from %s: %d modules, %.1f MB", name, path, len(plan.lora), info.nbytes / 1e6)
