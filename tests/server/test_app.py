@@ -100,10 +100,11 @@ def test_completion_routes_model_to_adapter_and_base(client, engine):
 
 def test_sampling_options_reach_the_engine(client, engine):
     client.post("/v1/completions", json={"model": "a1", "prompt": "x", "max_tokens": 2, "temperature": 0.7,
-                                         "top_p": 0.9, "top_k": 5, "seed": 42, "stop": "\n\n", "stop_token_ids": [3]})
+                                         "top_p": 0.9, "top_k": 5, "seed": 42, "stop": "\n\n", "stop_token_ids": [3],
+                                         "ignore_eos": True})
     params = engine.submitted[0][2]
     assert (params.temperature, params.top_p, params.top_k, params.seed) == (0.7, 0.9, 5, 42)
-    assert params.stop == ("\n\n",) and params.stop_token_ids == (3,)
+    assert params.stop == ("\n\n",) and params.stop_token_ids == (3,) and params.ignore_eos
     assert engine.submitted[0][1] == "a1"
 
 

@@ -78,6 +78,7 @@ class ServerState:
             seed=req.seed,
             stop=schemas.stop_list(req.stop),
             stop_token_ids=list(req.stop_token_ids or []),
+            ignore_eos=bool(req.ignore_eos),
         )
 
     def submit(self, call: GenerationCall) -> Any:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from typing import Any
 
@@ -26,7 +27,7 @@ class Catalog:
         if self.registry is None:
             raise ValueError("the engine exposes no adapter registry; pass registry= to create_app")
         self.created = int(time.time())
-        self._lock = asyncio.Lock()  # serialises runtime load/unload against each other
+        self._lock = threading.Lock()  # serialises runtime load/unload against each other
         self._runtime: set[str] = set()  # names registered through the HTTP API
 
     # -- queries --------------------------------------------------------------------------------
@@ -74,7 +75,10 @@ class Catalog:
     # -- runtime loading --------------------------------------------------------------------------
     async def load(self, name: str, real_path: str) -> None:
         """Validate the adapter at ``real_path`` (read it fully, off the event loop), then register it."""
-        async with self._lock:
+        await asyncio.to_thread(self._load, name, real_path)
+
+    def _load(self, name: str, real_path: str) -> None:
+        with self._lock:
             if self.has(name):
                 raise APIError(400, f"adapter {name!r} is already loaded; unload it first or choose another name",
                                param="lora_name", code="adapter_exists")
@@ -82,7 +86,7 @@ class Catalog:
                 raise APIError(409, f"adapter {name!r} was unloaded but its old weights are still resident until the "
                                "cache evicts them; load it under another name", param="lora_name",
                                code="adapter_still_resident")
-            await asyncio.to_thread(self._validate, real_path)
+            self._validate(real_path)
             try:
                 self.registry.register(name, real_path)
             except Exception as exc:
@@ -113,7 +117,7 @@ class Catalog:
 
     async def unload(self, name: str) -> None:
         """Forget a runtime-loaded adapter; requests already running with it finish normally."""
-        async with self._lock:
+        with self._lock:
             if not self.has(name):
                 raise APIError(404, f"adapter {name!r} is not loaded; loaded: {', '.join(self.adapter_names()) or 'none'}",
                                param="lora_name", code="model_not_found")

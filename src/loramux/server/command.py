@@ -14,6 +14,7 @@ import functools
 import logging
 import os
 import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -144,16 +145,26 @@ def run(args: argparse.Namespace) -> int:
     engine, tokenizer, registry = build_engine(args)
     app = create_app(engine, tokenizer, config, registry=registry)
     state = app.state.loramux
+    # uvicorn's own grace period is only a backstop: the abort timer below ends streams properly first
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                                           lifespan="off", timeout_graceful_shutdown=args.shutdown_timeout,
+                                           lifespan="off", timeout_graceful_shutdown=args.shutdown_timeout + 5,
                                            access_log=args.log_level == "debug"))
     # uvicorn catches SIGINT/SIGTERM itself, and re-raises the signal to the handler it found at start
     # once it has shut down; a no-op handler here turns that re-raise into a plain exit 0.
     previous = {sig: signal.signal(sig, _ignore) for sig in (signal.SIGINT, signal.SIGTERM)}
     original_exit = server.handle_exit
 
+    def abort_running() -> None:
+        logger.warning("shutdown: aborting the requests still running after %.1f s", args.shutdown_timeout)
+        engine.shutdown(abort=True, timeout=5.0)  # their streams end with finish_reason "abort" and [DONE]
+
+    abort_timer = threading.Timer(args.shutdown_timeout, abort_running)
+    abort_timer.daemon = True
+
     def handle_exit(sig: int, frame: Any) -> None:
-        state.closing = True  # /health says 503, new requests on open connections get 503
+        if not state.closing:  # first signal: stop taking work, give running requests the grace period
+            state.closing = True  # /health says 503, new requests on open connections get 503
+            abort_timer.start()
         original_exit(sig, frame)
 
     server.handle_exit = handle_exit  # type: ignore[method-assign]
@@ -163,7 +174,8 @@ def run(args: argparse.Namespace) -> int:
         server.run()
     finally:
         state.closing = True
-        engine.shutdown(abort=True, timeout=args.shutdown_timeout)
+        abort_timer.cancel()
+        engine.shutdown(abort=True, timeout=5.0)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     if not server.started:  # could not bind, or startup failed

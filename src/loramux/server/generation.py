@@ -119,7 +119,7 @@ async def _events(state: Any, call: GenerationCall, rid: str, created: int, firs
     """SSE events: one chunk per engine delta, the finish reason, usage, then ``[DONE]``."""
     metrics, model = state.metrics, call.model
     chat = call.endpoint == "chat"
-    last, last_t, saw_text = first, time.perf_counter(), bool(first.text)
+    last_t, saw_text = time.perf_counter(), bool(first.text)
     ptok = ctok = 0
     finish: str | None = None
     try:
@@ -151,7 +151,6 @@ async def _events(state: Any, call: GenerationCall, rid: str, created: int, firs
                 else:
                     metrics.ttft.observe(now - arrived)
                 saw_text, last_t = True, now
-            last = out
         if call.include_usage and finish != "error":
             use = schemas.usage(ptok, ctok)
             if chat:
@@ -165,5 +164,4 @@ async def _events(state: Any, call: GenerationCall, rid: str, created: int, firs
         yield sse(error_body(500, "the engine ended the stream early", code="engine_error"))
         yield sse("[DONE]")
     finally:
-        del last
         metrics.finished(model, call.endpoint, finish or "abort", ptok, ctok, time.perf_counter() - arrived)

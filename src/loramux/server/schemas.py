@@ -32,6 +32,7 @@ class _SamplingFields(BaseModel):
     seed: int | None = None
     stop: Union[str, list[str], None] = None
     stop_token_ids: list[int] | None = None  # vLLM extension
+    ignore_eos: bool | None = None  # vLLM extension: run to max_tokens (benchmarks)
     n: int | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None

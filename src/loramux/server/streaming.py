@@ -79,11 +79,15 @@ class EventStreamResponse(StreamingResponse):
                     raise exc
             else:
                 logger.debug("client disconnected mid-stream; cancelling its request")
+        except asyncio.CancelledError:
+            # the server cancels this task (shutdown grace period over): end quietly, not as an
+            # "Exception in ASGI application" with a traceback in the log
+            logger.info("stream cancelled by the server shutdown")
         finally:
             self._on_close()  # cancel the engine request first: frees its slot at the next step
             for task in (stream_task, watch_task):
                 task.cancel()
-            await asyncio.gather(stream_task, watch_task, return_exceptions=True)
+            await asyncio.shield(asyncio.gather(stream_task, watch_task, return_exceptions=True))
             aclose = getattr(self.body_iterator, "aclose", None)
             if aclose is not None:
                 await aclose()
