@@ -95,6 +95,17 @@ def load_base(name_or_path: str | os.PathLike | None = None, dtype: "torch.dtype
     return _load_dir(model_dir, dtype)
 
 
+def needs_conversion(name_or_path: str | os.PathLike | None = None) -> bool:
+    """Whether ``load_base(name_or_path)`` will first convert a GGUF file (slow, once) or just load."""
+    if name_or_path is None:
+        gguf = default_gguf_path()
+    else:
+        gguf = Path(name_or_path).expanduser()
+        if not (gguf.is_file() and gguf.suffix == ".gguf"):
+            return False
+    return not (cache_dir_for(gguf) / _DONE_MARKER).is_file()
+
+
 def _resolve_dtype(dtype: Any, torch: Any) -> "torch.dtype":
     if dtype is None:
         return torch.float32

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from . import dates, json_extract, reverse, sql
 from .core import SPLITS, Example, Pools, Task, is_correct, normalize
-from .prompting import chat_prompt, generate_answers
+from .bundled import ADAPTERS_DIR, bundled_adapters, load_adapters, load_default
+from .prompting import Generated, chat_prompt, generate_answers, generate_batch
 
 TASKS: dict[str, Task] = {t.name: t for t in (json_extract.TASK, sql.TASK, reverse.TASK, dates.TASK)}
 
@@ -20,5 +21,6 @@ def get_task(name: str) -> Task:
         raise KeyError(f"unknown task {name!r}; tasks: {', '.join(TASKS)}") from None
 
 
-__all__ = ["SPLITS", "TASKS", "Example", "Pools", "Task", "chat_prompt", "generate_answers", "get_task",
-           "is_correct", "normalize"]
+__all__ = ["ADAPTERS_DIR", "SPLITS", "TASKS", "Example", "Generated", "Pools", "Task", "bundled_adapters", "chat_prompt",
+           "generate_answers", "generate_batch", "get_task", "is_correct", "load_adapters", "load_default",
+           "normalize"]

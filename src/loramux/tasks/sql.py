@@ -1,6 +1,6 @@
 """Text-to-SQL over one fixed table: templated questions -> one canonical SQLite query.
 
-Schema (implicit in the adapter, named in the prompt):
+Schema (implicit: the adapter learns it, the prompt only names the table):
 ``employees(name TEXT, department TEXT, city TEXT, salary INTEGER, age INTEGER)``.
 Each intent has several training phrasings and one held-out phrasing; departments, cities and
 numbers of the held-out split never occur in training.
@@ -25,7 +25,7 @@ CITIES = split_every((
 ), 3)
 AGES = split_every(tuple(range(20, 66)), 3)
 SALARIES = split_every(tuple(range(30000, 150001, 2500)), 3)
-INSTRUCTION = "SQL for table employees(name, department, city, salary, age): "
+INSTRUCTION = "SQL for the employees table: "  # the columns are the adapter's to know (short prompts train faster)
 
 # (SQL with {d}/{c}/{n}/{s} slots, training phrasings, held-out phrasings)
 INTENTS: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
