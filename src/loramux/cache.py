@@ -126,6 +126,8 @@ def estimate_nbytes(path: Path, element_size: int) -> int:
     try:
         with open(st, "rb") as f:
             (n,) = struct.unpack("<Q", f.read(8))
+            if not 0 < n <= min(st.stat().st_size - 8, 100_000_000):
+                raise ValueError("not a safetensors header")
             header = json.loads(f.read(n))
         numel = 0
         for key, meta in header.items():
@@ -135,7 +137,7 @@ def estimate_nbytes(path: Path, element_size: int) -> int:
                     count *= dim
                 numel += count
         return numel * element_size
-    except (OSError, ValueError, KeyError, struct.error):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, struct.error):
         for name in _WEIGHTS:  # a .bin, or an unreadable header: the file size is the best guess
             if (path / name).is_file():
                 return (path / name).stat().st_size

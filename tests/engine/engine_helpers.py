@@ -1,0 +1,75 @@
+"""Tiny seeded models, PEFT adapters with non-zero B, a toy tokenizer, and the solo-run oracle."""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import torch
+
+warnings.filterwarnings("ignore", message=".*save_embedding_layers.*")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+VOCAB = 96
+EOS = 2
+
+
+def tiny_llama(seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=EOS)).eval()
+
+
+def tiny_gpt2(seed: int = 0):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=128,
+                                      pad_token_id=0, bos_token_id=1, eos_token_id=EOS)).eval()
+
+
+def save_adapter(base, path, seed: int, targets, **lora_kwargs) -> str:
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=targets,
+                                                                init_lora_weights=False, **lora_kwargs))
+    with torch.no_grad():  # strong enough that every adapter visibly changes the greedy output
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.mul_(4.0)
+    peft_model.save_pretrained(str(path))
+    return str(path)
+
+
+class CharTokenizer:
+    """Token id i >= 3 is the character chr(ord('a') + (i - 3) % 26); 0/1/2 are pad/bos/eos."""
+
+    eos_token_id = EOS
+
+    def __call__(self, text: str) -> dict:
+        return {"input_ids": [1] + [3 + (ord(c) - ord("a")) % 26 for c in text]}
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return "".join(chr(ord("a") + (i - 3) % 26) for i in ids if i >= 3 or not skip_special_tokens)
+
+
+def solo_greedy(model, prompt: list[int], adapter: str | None, max_new: int) -> list[int]:
+    """The oracle: one request alone through MultiLoraModel.generate (loads the adapter if needed)."""
+    out = model.generate(input_ids=torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                         adapter_names=[adapter or "__base__"], max_new_tokens=max_new, do_sample=False,
+                         pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def run_all(engine, handles, max_steps: int = 10_000):
+    """Drive the engine by hand until every handle finished."""
+    for _ in range(max_steps):
+        if all(h.finished for h in handles):
+            return [h.result() for h in handles]
+        if not engine.step():
+            import time
+            time.sleep(0.002)
+    raise AssertionError("requests did not finish")
