@@ -49,8 +49,8 @@ class CharTokenizer:
 
     eos_token_id = EOS
 
-    def __call__(self, text: str) -> dict:
-        return {"input_ids": [1] + [3 + (ord(c) - ord("a")) % 26 for c in text]}
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict:
+        return {"input_ids": [1] * add_special_tokens + [3 + (ord(c) - ord("a")) % 26 for c in text]}
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return "".join(chr(ord("a") + (i - 3) % 26) for i in ids if i >= 3 or not skip_special_tokens)

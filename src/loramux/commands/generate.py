@@ -3,6 +3,7 @@
     loramux generate --adapter sql "SQL for table employees(name, department, city, salary, age): Who works in Paris?"
     loramux generate --adapter ./my-adapter "..."      # any PEFT adapter directory
     loramux generate --adapter __base__ "..."          # the base model alone
+    loramux generate --batch requests.jsonl --output results.jsonl   # many requests through the engine
 
 The prompt goes through the tokenizer's chat template as one user turn (the format the bundled
 adapters were trained on); decoding is greedy unless ``--temperature`` is given.
@@ -22,9 +23,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    batch = parser.add_argument_group("batch mode (continuous batching through the engine; see loramux.engine.batch)")
+    batch.add_argument("--batch", metavar="FILE", default=None,
+                       help="JSONL requests, one per line: {\"prompt\": ..., \"adapter\": ..., \"max_tokens\": ...}; - for stdin")
+    batch.add_argument("--output", metavar="FILE", default=None, help="JSONL results in input order (default: stdout)")
+    batch.add_argument("--max-running", type=int, default=16, help="sequences decoded together (default 16)")
+    batch.add_argument("--max-loaded-adapters", type=int, default=32, help="adapters resident at once (default 32)")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.batch is not None:
+        from loramux.engine.batch import run_batch
+
+        return run_batch(args, _load_model, _resolve_adapter)
     if args.prompt is None:
         print("loramux generate: give a prompt, e.g. loramux generate --adapter json \"Extract the person as JSON: "
               "Maria is 34 and lives in Lisbon.\"", file=sys.stderr)
