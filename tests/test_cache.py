@@ -1,0 +1,216 @@
+"""Adapter registry and resident-adapter cache: discovery, LRU, pinning, budgets, failures, host tier.
+
+A fake model stands in for MultiLoraModel here (loads are bookkeeping only), so these tests are about
+the policy; tests/engine/ runs the same cache on real models.
+"""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from loramux.cache import AdapterCache, AdapterRegistry, estimate_nbytes
+from loramux.errors import AdapterError, AdapterNotFoundError, AdapterWeightsError, UnknownAdapterError
+
+
+def fake_adapter(path, numel: int = 250):
+    """A valid rank-1 adapter directory of ``numel`` fp16 numbers (1000 bytes once loaded as fp32)."""
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True)
+    (path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 1, "lora_alpha": 1}))
+    half = numel // 2
+    save_file({"base_model.model.x.lora_A.weight": torch.ones(1, half, dtype=torch.float16),
+               "base_model.model.x.lora_B.weight": torch.ones(numel - half, 1, dtype=torch.float16)},
+              str(path / "adapter_model.safetensors"))
+    return path
+
+
+class FakeModel:
+    """load_adapter/delete_adapter/adapters like MultiLoraModel; ``gates`` hold a load, ``fail`` breaks one."""
+
+    dtype = torch.float32
+
+    def __init__(self, device: str = "cpu", parsed: bool = False) -> None:
+        self.device = torch.device("cpu") if device == "cpu" else SimpleNamespace(type=device)
+        self.accepts_parsed_adapters = parsed
+        self.loaded: dict[str, SimpleNamespace] = {}
+        self.gates: dict[str, threading.Event] = {}
+        self.fail: set[str] = set()
+        self.sources: list[tuple[str, object]] = []
+
+    @property
+    def adapters(self):
+        return dict(self.loaded)
+
+    def load_adapter(self, source, adapter_name, replace=False):
+        if adapter_name in self.gates:
+            self.gates[adapter_name].wait(10)
+        if adapter_name in self.fail:
+            raise AdapterWeightsError(f"{adapter_name}: boom")
+        self.sources.append((adapter_name, source))
+        info = SimpleNamespace(name=adapter_name, nbytes=1000, path=str(source))
+        self.loaded[adapter_name] = info
+        return info
+
+    def delete_adapter(self, name):
+        del self.loaded[name]
+
+
+@pytest.fixture
+def adapters(tmp_path):
+    return {name: fake_adapter(tmp_path / name) for name in "abcde"}
+
+
+@pytest.fixture
+def registry(adapters):
+    reg = AdapterRegistry()
+    for name, path in adapters.items():
+        reg.register(name, path)
+    return reg
+
+
+def wait_resident(cache: AdapterCache, name: str) -> None:
+    deadline = time.monotonic() + 10
+    while not cache.is_resident(name):
+        assert time.monotonic() < deadline, f"{name} never loaded"
+        time.sleep(0.002)
+
+
+def load(cache: AdapterCache, name: str, **kw) -> None:
+    assert cache.start_load(name, **kw) == "loading"
+    wait_resident(cache, name)
+
+
+# ---------------------------------------------------------------- registry
+def test_registry_by_name_and_by_root(tmp_path):
+    root = tmp_path / "root"
+    fake_adapter(root / "x")
+    fake_adapter(root / "y")
+    (root / "not-an-adapter").mkdir()
+    reg = AdapterRegistry()
+    reg.register("solo", fake_adapter(tmp_path / "elsewhere"))
+    assert reg.add_root(root) == 2
+    assert reg.names() == ["solo", "x", "y"] and len(reg) == 3
+    assert reg.path_of("x") == root / "x" and "solo" in reg and "not-an-adapter" not in reg
+    fake_adapter(root / "z")  # appears later: found without re-scanning
+    assert reg.path_of("z") == root / "z"
+    with pytest.raises(UnknownAdapterError, match="not known"):
+        reg.path_of("nope")
+    for bad in ["../x", "a/b", ".hidden", ""]:
+        with pytest.raises(UnknownAdapterError, match="not a valid adapter name"):
+            reg.path_of(bad)
+    with pytest.raises(AdapterNotFoundError):
+        reg.register("empty", tmp_path / "root" / "not-an-adapter")
+    reg.unregister("solo")
+    assert "solo" not in reg
+
+
+def test_estimate_matches_what_the_model_reports(tmp_path):
+    """The byte budget is checked before loading from the file header; it must match the loaded size."""
+    import sys
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent / "engine"))
+    from engine_helpers import save_adapter, tiny_llama
+
+    from loramux import MultiLoraModel
+
+    base = tiny_llama()
+    path = save_adapter(base, tmp_path / "a", seed=1, targets=["q_proj", "down_proj"])
+    info = MultiLoraModel(base).load_adapter(path, adapter_name="a")
+    assert estimate_nbytes(tmp_path / "a", 4) == info.nbytes
+
+
+# ---------------------------------------------------------------- cache policy
+def test_pinned_adapter_is_never_evicted(registry):
+    model = FakeModel()
+    cache = AdapterCache(model, registry, max_loaded=1)
+    load(cache, "a")
+    cache.acquire("a")
+    assert cache.start_load("b", force=True) == "full"  # the only resident adapter is pinned
+    assert "a" in model.loaded and cache.stats()["evictions"] == 0
+    cache.release("a")
+    load(cache, "b")
+    assert list(model.loaded) == ["b"] and cache.stats()["evictions"] == 1
+
+
+def test_lru_over_unpinned_and_protection(registry):
+    model = FakeModel()
+    cache = AdapterCache(model, registry, max_loaded=3)
+    for name in "abc":
+        load(cache, name)
+    cache.acquire("a")
+    cache.release("a")  # a is now the most recently used; b the least
+    load(cache, "d")
+    assert sorted(model.loaded) == ["a", "c", "d"]
+    # c is least recently used now, but a waiting request wants it: evict a instead
+    load(cache, "e", protected=frozenset({"c"}))
+    assert sorted(model.loaded) == ["c", "d", "e"]
+    # everything protected: only the head of the queue (force) may evict a protected one
+    assert cache.start_load("a", protected=frozenset("cde")) == "full"
+    load(cache, "a", protected=frozenset("cde"), force=True)
+    assert cache.stats()["resident_adapters"] == 3
+
+
+def test_byte_budget(registry):
+    model = FakeModel()  # each fake adapter: 250 fp16 numbers -> 1000 bytes as fp32
+    cache = AdapterCache(model, registry, max_loaded=None, max_bytes=2500)
+    load(cache, "a")
+    load(cache, "b")
+    load(cache, "c")  # 3000 > 2500: a leaves
+    assert sorted(model.loaded) == ["b", "c"] and cache.stats()["resident_bytes"] == 2000
+    small = AdapterCache(FakeModel(), registry, max_bytes=999)
+    with pytest.raises(AdapterError, match="max_adapter_bytes"):
+        small.start_load("a")
+
+
+def test_loads_run_in_the_background_and_failures_are_reported(registry):
+    model = FakeModel()
+    model.gates["a"], model.gates["b"] = threading.Event(), threading.Event()
+    model.fail.add("b")
+    woke = threading.Event()
+    cache = AdapterCache(model, registry, max_concurrent_loads=2, on_change=woke.set)
+    t0 = time.perf_counter()
+    assert cache.start_load("a") == "loading" and cache.start_load("b") == "loading"
+    assert time.perf_counter() - t0 < 1.0  # did not wait for the gated load
+    assert cache.start_load("c") == "busy"  # two loads in flight already
+    model.gates["b"].set()
+    assert woke.wait(10)
+    deadline = time.monotonic() + 10
+    failures = {}
+    while not failures and time.monotonic() < deadline:
+        failures = cache.take_failures()
+    assert list(failures) == ["b"] and "boom" in str(failures["b"])
+    assert cache.is_loading("a") and not cache.is_resident("a")
+    model.gates["a"].set()
+    wait_resident(cache, "a")
+    stats = cache.stats()
+    assert stats["loads"] == 1 and stats["load_errors"] == 1 and stats["load_seconds"] > 0
+
+
+def test_adopts_adapters_loaded_before(registry, adapters):
+    model = FakeModel()
+    model.loaded["a"] = SimpleNamespace(nbytes=10, path=str(adapters["a"]))
+    model.loaded["own"] = SimpleNamespace(nbytes=10, path=None)  # no directory: can never be reloaded
+    cache = AdapterCache(model, registry, max_loaded=2)
+    assert cache.is_resident("a") and cache.is_resident("own")
+    load(cache, "b")  # evicts a (reloadable), never "own"
+    assert sorted(model.loaded) == ["b", "own"]
+    cache.evict_unpinned()
+    assert list(model.loaded) == ["own"]
+
+
+def test_host_tier_on_cuda_skips_the_disk_on_reload(registry):
+    model = FakeModel(device="cuda", parsed=True)
+    cache = AdapterCache(model, registry, max_loaded=1)
+    load(cache, "a")
+    load(cache, "b")
+    load(cache, "a")  # back from host memory
+    kinds = [(name, type(src).__name__) for name, src in model.sources]
+    assert kinds == [("a", "AdapterFile"), ("b", "AdapterFile"), ("a", "AdapterFile")]
+    assert model.sources[0][1] is model.sources[2][1]
+    assert cache.stats()["host_hits"] == 1 and cache.stats()["host_tier_adapters"] == 2
