@@ -33,6 +33,7 @@ from loramux.tasks import TASKS, chat_prompt, generate_answers, is_correct
 
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
 MLP = ["gate_proj", "up_proj", "down_proj"]
+BASE_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the embedded GGUF is a quantisation of
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "src" / "loramux" / "adapters"
 
 
@@ -50,10 +51,11 @@ class Recipe:
 
 
 RECIPES: dict[str, Recipe] = {  # in training order
-    "json": Recipe(rank=8, alpha=16, targets=("q_proj", "v_proj", "o_proj", "up_proj", "down_proj"), steps=20),
-    # the upper half of the layers only: backward stops at layer 15, and it exercises sparse adapters
-    "date": Recipe(rank=4, alpha=8, targets=("q_proj", "v_proj", "down_proj"), steps=20, layers=tuple(range(15, 30))),
-    "sql": Recipe(rank=16, alpha=32, targets=tuple(ATTN), steps=24),
+    "json": Recipe(rank=8, alpha=16, targets=("q_proj", "v_proj", "o_proj", "up_proj", "down_proj"), steps=30),
+    # the upper two thirds of the layers only: backward stops at layer 10, and it exercises sparse adapters
+    "date": Recipe(rank=8, alpha=16, targets=("q_proj", "v_proj", "up_proj", "down_proj"), steps=40,
+                   layers=tuple(range(10, 30)), lr=3e-3),
+    "sql": Recipe(rank=16, alpha=32, targets=tuple(ATTN), steps=36, lr=3e-3),
     "reverse": Recipe(rank=8, alpha=16, targets=tuple(ATTN + MLP), steps=30),
 }
 
@@ -107,11 +109,21 @@ def quick_heldout(model, tokenizer, task, n: int, batch: int = 20) -> int:
     return correct
 
 
-def to_float16(adapter_dir: Path) -> None:
-    """Store the adapter weights as float16: half the bytes; loaders upcast to the base dtype."""
+def finalize(adapter_dir: Path) -> None:
+    """Make a saved PEFT adapter fit for shipping in the package.
+
+    Weights as float16 (half the bytes; loaders upcast to the base dtype); the base model named by
+    its hub id rather than this machine's cache path; PEFT's empty model-card template removed
+    (TRAINING.md says how the adapter was made).
+    """
     path = adapter_dir / "adapter_model.safetensors"
     tensors = {k: v.to(torch.float16).contiguous() for k, v in load_file(path).items()}
     save_file(tensors, path, metadata={"format": "pt"})
+    config_path = adapter_dir / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["base_model_name_or_path"] = BASE_MODEL_ID
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    (adapter_dir / "README.md").unlink(missing_ok=True)
 
 
 def train_one(name: str, recipe: Recipe, base_model, tokenizer, args) -> dict:
@@ -147,7 +159,7 @@ def train_one(name: str, recipe: Recipe, base_model, tokenizer, args) -> dict:
     out_dir = args.out / name
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
-    to_float16(out_dir)
+    finalize(out_dir)
     record = {
         "task": name, "description": task.description, "seed": args.seed, **asdict(recipe),
         "trainable_parameters": trainable, "train_seconds": round(train_s, 1), "torch_threads": torch.get_num_threads(),

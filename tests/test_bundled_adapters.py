@@ -1,0 +1,90 @@
+"""End to end on the real embedded default model (SmolLM2-135M) with the adapters shipped in the
+package: they load, answer held-out prompts of their own task correctly, give the same answers in
+one mixed batch as alone, read exactly as PEFT reads them, and the base model alone fails the same
+prompts. Slow (a minute or two on 2 cores), and run in CI."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from loramux import BASE_ADAPTER
+from loramux.tasks import TASKS, bundled_adapters, generate_batch, is_correct, load_default
+
+pytestmark = pytest.mark.slow
+PER_TASK = 5
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model, tokenizer = load_default()
+    examples = {name: TASKS[name].examples("heldout", PER_TASK, seed=0) for name in TASKS}
+    return model, tokenizer, examples
+
+
+def mixed_rows(examples, adapter_of):
+    """Rows interleaved across tasks (json, sql, reverse, date, json, ...), so neighbours differ."""
+    rows = [(adapter_of(name), ex) for i in range(PER_TASK) for name, exs in examples.items() for ex in exs[i:i + 1]]
+    return rows, max(TASKS[ex.task].max_new_tokens for _, ex in rows)
+
+
+def test_every_task_has_a_small_bundled_peft_adapter():
+    adapters = bundled_adapters()
+    assert set(adapters) == set(TASKS)
+    shapes = set()
+    for name, path in adapters.items():
+        config = json.loads((path / "adapter_config.json").read_text())
+        assert config["peft_type"] == "LORA" and not config.get("use_dora")
+        assert (path / "adapter_model.safetensors").stat().st_size < 6 * 2**20  # a few MB
+        assert (path / "TRAINING.md").is_file()
+        shapes.add((config["r"], tuple(sorted(config["target_modules"])), str(config.get("layers_to_transform"))))
+    assert len(shapes) == len(adapters)  # ranks / targets / layers differ on purpose
+
+
+def test_adapters_answer_heldout_prompts_in_one_mixed_batch_as_alone(setup):
+    model, tokenizer, examples = setup
+    assert set(model.adapters) == set(TASKS)
+    rows, max_new = mixed_rows(examples, adapter_of=lambda name: name)
+    mixed = generate_batch(model, tokenizer, [ex.prompt for _, ex in rows], max_new_tokens=max_new,
+                           adapter_names=[a for a, _ in rows])
+    wrong = [(ex.prompt, out.text, ex.answer) for (_, ex), out in zip(rows, mixed) if not is_correct(out.text, ex.answer)]
+    assert not wrong, wrong
+    for name, exs in examples.items():  # each adapter alone, on its own prompts only
+        solo = generate_batch(model, tokenizer, [ex.prompt for ex in exs], max_new_tokens=TASKS[name].max_new_tokens,
+                              adapter_names=[name] * len(exs))
+        assert [o.text for o in solo] == [out.text for (a, _), out in zip(rows, mixed) if a == name]
+
+
+def test_base_model_fails_the_same_prompts(setup):
+    model, tokenizer, examples = setup
+    rows, max_new = mixed_rows(examples, adapter_of=lambda name: BASE_ADAPTER)
+    outs = generate_batch(model, tokenizer, [ex.prompt for _, ex in rows], max_new_tokens=max_new,
+                          adapter_names=[BASE_ADAPTER] * len(rows))
+    right = [(ex.prompt, out.text) for (_, ex), out in zip(rows, outs) if is_correct(out.text, ex.answer)]
+    assert not right, right
+
+
+def test_bundled_adapters_read_as_peft_reads_them(setup):
+    """Logits of loramux with each bundled adapter == PEFT's PeftModel with the same files."""
+    from peft import PeftModel
+
+    from loramux.base import load_base
+
+    model, tokenizer, examples = setup
+    peft_base, _ = load_base()
+    prompts = [examples["json"][0].prompt, examples["date"][0].prompt]
+    batch = tokenizer([tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                                     add_generation_prompt=True) for p in prompts],
+                      return_tensors="pt", padding=True, add_special_tokens=False)
+    adapters = bundled_adapters()
+    names = list(adapters)
+    peft_model = PeftModel.from_pretrained(peft_base, adapters[names[0]], adapter_name=names[0])
+    for name in names[1:]:
+        peft_model.load_adapter(adapters[name], adapter_name=name)
+    with torch.inference_mode():
+        for name in names:
+            peft_model.set_adapter(name)
+            expected = peft_model(**batch).logits
+            got = model(**batch, adapter_names=[name] * len(prompts)).logits
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4, msg=name)
