@@ -236,7 +236,12 @@ def _read_tensors(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         try:
-            return load_file(str(st_path))
+            try:  # read into memory the adapter owns: a mapping of the file would keep every byte of it
+                # resident for as long as any tensor lives, and crash the process (SIGBUS) if the file is
+                # rewritten in place while the adapter is loaded
+                return load_file(str(st_path), backend="pread")
+            except TypeError:  # safetensors < 0.8: only the mapped reader exists
+                return {key: t.clone() for key, t in load_file(str(st_path)).items()}
         except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
             raise AdapterWeightsError(f"{st_path}: cannot be read ({exc}); the file is truncated or corrupt, copy it again") from exc
     if bin_path.is_file():
@@ -251,6 +256,20 @@ def _read_tensors(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
     raise AdapterNotFoundError(f"{path}: no {SAFETENSORS_NAME} (or {PICKLE_NAME}) next to {CONFIG_NAME}")
 
 
+def _check_finite(tensors: dict[str, torch.Tensor], source: Path) -> None:
+    """NaN/inf anywhere makes a tensor's sum NaN/inf: one reduction per tensor and one check, instead
+    of an elementwise mask and a reduction per tensor. A non-finite sum can also be an overflow of
+    finite values, so only then is each tensor checked exactly, to name the bad one."""
+    floats = {key: t for key, t in tensors.items() if t.is_floating_point()}
+    if not floats:
+        return
+    if bool(torch.isfinite(torch.stack([t.sum(dtype=torch.float32) for t in floats.values()])).all()):
+        return
+    for key, tensor in floats.items():
+        if not torch.isfinite(tensor).all():
+            raise AdapterWeightsError(f"{source}: tensor {key!r} holds NaN or inf values; the adapter diverged in training")
+
+
 def read_adapter(path: str | Path, *, allow_pickle: bool = False) -> AdapterFile:
     """Parse and validate an adapter directory; every problem raises a specific ``AdapterError``."""
     path = Path(path)
@@ -259,10 +278,9 @@ def read_adapter(path: str | Path, *, allow_pickle: bool = False) -> AdapterFile
     source = path / SAFETENSORS_NAME
     modules: dict[str, ModuleWeights] = {}
     extra: dict[str, torch.Tensor] = {}
+    _check_finite(tensors, source)
     for key, tensor in tensors.items():
         name = key[len(_PREFIX):] if key.startswith(_PREFIX) else key
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise AdapterWeightsError(f"{source}: tensor {key!r} holds NaN or inf values; the adapter diverged in training")
         for suffix, kind in _LORA_SUFFIXES.items():
             if name.endswith(suffix):
                 mw = modules.setdefault(name[: -len(suffix)], ModuleWeights())
