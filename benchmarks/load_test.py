@@ -60,10 +60,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--adapters", type=int, default=32, help="generated adapters (default 32)")
     p.add_argument("--resident", type=int, default=8, help="--max-loaded-adapters of the server (default 8)")
     p.add_argument("--clients", type=int, default=32, help="concurrent streaming clients (default 32)")
-    p.add_argument("--requests", type=int, default=192, help="requests per round (default 192)")
-    p.add_argument("--max-tokens", type=int, default=32, help="tokens generated per request (default 32)")
+    p.add_argument("--requests", type=int, default=96, help="requests per round (default 96)")
+    p.add_argument("--max-tokens", type=int, default=16, help="tokens generated per request (default 16)")
     p.add_argument("--max-running", type=int, default=16, help="server --max-running (default 16)")
-    p.add_argument("--threads", type=int, default=2, help="server torch threads (default 2)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads of the server and of the engine-direct rounds (default 1: on a shared, "
+                        "oversubscribed machine, 2 spinning OpenMP threads were 4-6x slower than 1)")
     p.add_argument("--time-limit", type=float, default=600.0, help="seconds per round before clients stop (default 600)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-direct", dest="direct", action="store_false",
@@ -301,6 +303,10 @@ def direct_engine(args: argparse.Namespace, base_dir: str | None, root: Path):
     return engine.start(), tokenizer
 
 
+def progress(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
 def rss_mb(pid: int) -> float:
     return psutil.Process(pid).memory_info().rss / 2**20
 
@@ -310,6 +316,8 @@ def rss_mb(pid: int) -> float:
 
 def main() -> int:
     args = parse_args()
+    # SIGTERM (e.g. `timeout`) unwinds through the finally blocks: the server is stopped, temp files go
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     work = Path(tempfile.mkdtemp(prefix="loramux-load-"))
     try:
         tiny, model = load_base_for_adapters(args.base)
@@ -317,10 +325,13 @@ def main() -> int:
         if tiny is not None:
             model, _ = tiny.build_base(work / "base")
             base_dir = str(work / "base")
+        progress(f"generating {args.adapters} adapters")
         make_adapters(model, work / "adapters", args.adapters, args.seed)
         del model
         names = [f"lt{i:03d}" for i in range(args.adapters)]
+        progress("starting loramux serve")
         proc, url = start_server(args, base_dir, work / "adapters", work / "serve.log")
+        progress(f"serving on {url}; warm-up: one request per adapter")
         try:
             async def warm_all() -> None:  # every adapter loaded once, in order
                 async with httpx.AsyncClient(base_url=url, timeout=300) as client:
@@ -331,16 +342,20 @@ def main() -> int:
 
             asyncio.run(warm_all())
             rss_before = rss_mb(proc.pid)
+            progress("server round 1")
             first = asyncio.run(run_round(url, names, args, args.seed + 1))
             rss_after = rss_mb(proc.pid)
             direct = []
             if args.direct:
+                progress("engine-direct round 1 (and its warm-up)")
                 engine, tokenizer = direct_engine(args, base_dir, work / "adapters")
                 asyncio.run(run_direct_round(engine, tokenizer, names, argparse.Namespace(**{**vars(args), "requests": len(names)}), 0))
                 direct.append(asyncio.run(run_direct_round(engine, tokenizer, names, args, args.seed + 1)))
+            progress("server round 2")
             second = asyncio.run(run_round(url, names, args, args.seed + 2))
             rss_after2 = rss_mb(proc.pid)
             if args.direct:
+                progress("engine-direct round 2")
                 direct.append(asyncio.run(run_direct_round(engine, tokenizer, names, args, args.seed + 2)))
                 engine.shutdown()
             counters = server_counters(url)

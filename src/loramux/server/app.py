@@ -7,12 +7,14 @@ and ``POST /v1/unload_lora_adapter``. ``model`` picks the adapter by name, or th
 """
 from __future__ import annotations
 
-import logging
+import asyncio
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
+from ..engine import EngineOverloaded, RequestRejected, SamplingParams
+from ..errors import UnknownAdapterError
 from . import schemas
 from .catalog import Catalog
 from .config import ServerConfig
@@ -22,23 +24,16 @@ from .metrics import CONTENT_TYPE, ServerMetrics
 from .middleware import GateMiddleware
 from .security import resolve_inside_roots
 
-logger = logging.getLogger(__name__)
-
 
 class ServerState:
     """Everything a route needs, built once per app (no module-level state)."""
 
     def __init__(self, engine: Any, tokenizer: Any, config: ServerConfig, registry: Any = None) -> None:
-        from ..engine import EngineOverloaded, RequestRejected, SamplingParams  # lazy: torch
-
         self.engine = engine
         self.tokenizer = tokenizer if tokenizer is not None else getattr(engine, "tokenizer", None)
         self.config = config
         self.catalog = Catalog(engine, config, registry)
         self.metrics = ServerMetrics(engine.stats)
-        self.SamplingParams = SamplingParams
-        self.RequestRejected = RequestRejected
-        self.EngineOverloaded = EngineOverloaded
         self.closing = False
 
     def adapter_for(self, model: str) -> str | None:
@@ -62,39 +57,33 @@ class ServerState:
                             code="adapter_load_failed")
         return APIError(500, f"generation failed: {error}", code="engine_error")
 
-    def sampling(self, req: schemas._SamplingFields, default_max: int, max_tokens: int | None) -> Any:
-        top_k = req.top_k if req.top_k not in (None, -1) else 0
+    def sampling(self, req: schemas._SamplingFields, default_max: int, max_tokens: int | None) -> SamplingParams:
         try:
-            return self._sampling(req, default_max, max_tokens, top_k)
-        except self.RequestRejected as exc:  # the engine's own checks, if stricter than ours
+            return SamplingParams(
+                max_tokens=max_tokens if max_tokens is not None else default_max,
+                temperature=1.0 if req.temperature is None else req.temperature,  # the OpenAI default
+                top_p=1.0 if req.top_p is None else req.top_p,
+                top_k=req.top_k if req.top_k not in (None, -1) else 0,  # vLLM's -1 = off
+                seed=req.seed,
+                stop=schemas.stop_list(req.stop),
+                stop_token_ids=list(req.stop_token_ids or []),
+                ignore_eos=bool(req.ignore_eos),
+            )
+        except RequestRejected as exc:  # the engine's own checks, where stricter than schemas.check_sampling
             raise APIError(400, str(exc), code="invalid_parameter") from None
-
-    def _sampling(self, req: schemas._SamplingFields, default_max: int, max_tokens: int | None, top_k: int) -> Any:
-        return self.SamplingParams(
-            max_tokens=max_tokens if max_tokens is not None else default_max,
-            temperature=1.0 if req.temperature is None else req.temperature,
-            top_p=1.0 if req.top_p is None else req.top_p,
-            top_k=top_k,
-            seed=req.seed,
-            stop=schemas.stop_list(req.stop),
-            stop_token_ids=list(req.stop_token_ids or []),
-            ignore_eos=bool(req.ignore_eos),
-        )
 
     def submit(self, call: GenerationCall) -> Any:
         """Hand the request to the engine, translating its refusals into HTTP errors."""
-        from ..errors import UnknownAdapterError
-
         if self.closing:
             raise APIError(503, "server is shutting down", code="shutting_down", headers={"Retry-After": "5"})
         try:
             return self.engine.submit(call.prompt, adapter=call.adapter, params=call.params)
         except UnknownAdapterError:  # unloaded between the check and the submit
             raise self.unknown_model(call.model) from None
-        except self.EngineOverloaded as exc:
+        except EngineOverloaded as exc:
             raise APIError(503, f"server overloaded: {exc}; retry later", code="overloaded",
                            headers={"Retry-After": "1"}) from None
-        except self.RequestRejected as exc:
+        except RequestRejected as exc:
             raise APIError(400, str(exc), code="request_rejected") from None
 
 
@@ -151,7 +140,7 @@ def create_app(engine: Any, tokenizer: Any = None, config: ServerConfig | None =
     async def chat_completions(body: schemas.ChatCompletionRequest, request: Request) -> Response:
         messages = schemas.check_chat(body, max_stop=config.max_stop_sequences)
         adapter = state.adapter_for(body.model)
-        prompt = _chat_prompt(state.tokenizer, messages)
+        prompt = await asyncio.to_thread(_chat_prompt, state.tokenizer, messages)  # jinja + tokenizing: off the loop
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         call = GenerationCall("chat", body.model, adapter, prompt,
                               state.sampling(body, config.default_chat_max_tokens, max_tokens),

@@ -8,6 +8,7 @@ status instead of a broken 200 stream.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -53,7 +54,7 @@ async def run_generation(state: Any, request: Request, call: GenerationCall,
                          submit: Callable[[], Any]) -> Response:
     """Submit (``submit()`` returns an engine handle) and answer; errors become APIError."""
     arrived = time.perf_counter()
-    handle = submit()
+    handle = await asyncio.to_thread(submit)  # the engine tokenizes text prompts: keep that off the event loop
     metrics = state.metrics
     stream_iter: AsyncIterator[Any] = handle.stream().__aiter__()
     try:

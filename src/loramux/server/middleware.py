@@ -14,7 +14,7 @@ from typing import Any
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .errors import APIError, error_body
+from .errors import APIError
 from .security import check_api_key
 
 _BODY_METHODS = {"POST", "PUT", "PATCH"}
