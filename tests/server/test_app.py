@@ -355,3 +355,20 @@ def test_metrics_report_requests_tokens_latency_and_engine_state(client):
     for series in ("loramux_requests_running", "loramux_requests_waiting", "loramux_adapters_resident",
                    "loramux_adapter_loads_total", "loramux_adapter_evictions_total", "loramux_adapter_load_errors_total"):
         assert f"\n{series} " in text, series
+
+
+def test_reloading_a_name_whose_old_weights_are_still_resident_is_409(engine, world):
+    class Cache:  # the engine's cache still holds the unloaded adapter's weights
+        def is_resident(self, name):
+            return name == "fresh"
+
+        def is_loading(self, name):
+            return False
+
+    client = runtime_client(engine, world)
+    assert client.post("/v1/load_lora_adapter", json={"lora_name": "fresh", "lora_path": "good"}).status_code == 200
+    assert client.post("/v1/unload_lora_adapter", json={"lora_name": "fresh"}).status_code == 200
+    engine.cache = Cache()
+    resp = client.post("/v1/load_lora_adapter", json={"lora_name": "fresh", "lora_path": "good"})
+    assert_error(resp, 409, "still resident", code="adapter_still_resident")
+    assert client.post("/v1/load_lora_adapter", json={"lora_name": "fresh2", "lora_path": "good"}).status_code == 200
