@@ -91,3 +91,24 @@ def test_exact_match_normalizes_whitespace_only():
     assert is_correct('{"name": "A",\n "age": 3}', '{"name": "A", "age": 3}')
     assert not is_correct('{"name":"A"}', '{"name": "A"}')
     assert not is_correct("a b", "A B")
+
+
+@pytest.mark.parametrize("name, pools", [("json", json_extract.NAMES), ("json", json_extract.CITIES),
+                                         ("sql", sql.DEPARTMENTS), ("sql", sql.CITIES), ("reverse", reverse.WORDS)])
+def test_no_heldout_value_appears_in_any_training_prompt(name, pools):
+    train_text = " ".join(e.prompt for e in TASKS[name].examples("train", 1000, seed=0))
+    words = set(re.findall(r"[A-Za-z]+", train_text))
+    assert not {w for v in pools.heldout for w in v.split() if len(w) > 3} & words
+
+
+def test_training_values_are_partly_invented_words():
+    from loramux.tasks.core import invent_word
+
+    import random
+
+    rng = random.Random(0)
+    invented = [invent_word(rng, avoid=json_extract.CITIES.heldout) for _ in range(200)]
+    assert len(set(invented)) > 150 and all(w[0].isupper() and w.isalpha() for w in invented)
+    names = [json.loads(e.answer)["name"] for e in json_extract.TASK.examples("train", 400)]
+    share = sum(n not in json_extract.NAMES.train for n in names) / len(names)
+    assert 0.3 < share < 0.7

@@ -3,7 +3,9 @@
 A held-out split that shares names, values or sentence templates with the training split measures
 memorisation, not learning. So every task draws its two splits from *disjoint* pools: other names,
 other values and other templates (``Pools.train`` vs ``Pools.heldout``); ``tests/test_tasks.py``
-checks the disjointness. Answers are checked by exact match after whitespace normalisation.
+checks the disjointness. Training values are also drawn half from invented words
+(``pick_or_invent``), so adapters learn to copy from the prompt rather than to recall a list.
+Answers are checked by exact match after whitespace normalisation.
 """
 from __future__ import annotations
 
@@ -102,3 +104,31 @@ def split_every(items: Sequence[T], k: int) -> Pools[T]:
     """Every ``k``-th item (starting with the second) to held-out, the rest to train."""
     heldout = tuple(x for i, x in enumerate(items) if i % k == 1)
     return Pools(tuple(x for i, x in enumerate(items) if i % k != 1), heldout)
+
+
+_ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "gr", "st", "tr", "ch", "sh")
+_VOWELS = ("a", "e", "i", "o", "u", "ai", "ou", "ei")
+_CODAS = ("", "", "n", "r", "s", "l", "m", "k")
+
+
+def invent_word(rng: random.Random, avoid: Sequence[str] = (), capitalize: bool = True) -> str:
+    """A pronounceable made-up word (2-3 syllables) not in ``avoid``.
+
+    Training values drawn partly from invented words make an adapter *copy* names and places from
+    the prompt: trained only on a few dozen real cities, a LoRA learns the list and answers
+    "Zurich" with a near miss from it ("Zuraco").
+    """
+    avoid_lower = {a.lower() for a in avoid}
+    while True:
+        word = "".join(pick(rng, _ONSETS) + pick(rng, _VOWELS) + pick(rng, _CODAS) for _ in range(rng.randint(2, 3)))
+        if word not in avoid_lower:
+            return word.capitalize() if capitalize else word
+
+
+def pick_or_invent(rng: random.Random, pools: Pools[str], split: str, p_invent: float = 0.5,
+                   capitalize: bool = True) -> str:
+    """Training split: an invented word with probability ``p_invent``, else a training-pool item.
+    Held-out split: always a held-out pool item."""
+    if split == "train" and rng.random() < p_invent:
+        return invent_word(rng, avoid=pools.heldout, capitalize=capitalize)
+    return pick(rng, pools.of(split))

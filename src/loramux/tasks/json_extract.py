@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import random
 
-from .core import Pools, Task, pick, split_every
+from .core import Pools, Task, pick, pick_or_invent, split_every
 
 NAMES = split_every((
     "Maria", "Ahmed", "Chen", "Olga", "Lucas", "Amara", "Kenji", "Sofia", "Diego", "Ingrid",
@@ -58,7 +58,7 @@ INSTRUCTION = "Extract the person as JSON: "
 
 
 def draw(rng: random.Random, split: str) -> tuple[str, str]:
-    name, age, city = pick(rng, NAMES.of(split)), pick(rng, AGES.of(split)), pick(rng, CITIES.of(split))
+    name, age, city = pick_or_invent(rng, NAMES, split), pick(rng, AGES.of(split)), pick_or_invent(rng, CITIES, split)
     sentence = pick(rng, TEMPLATES.of(split)).format(name=name, age=age, city=city)
     return INSTRUCTION + sentence, json.dumps({"name": name, "age": age, "city": city})
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import random
 
-from .core import Pools, Task, pick, split_every
+from .core import Pools, Task, pick, pick_or_invent, split_every
 
 WORDS = split_every((
     "apple", "river", "stone", "cloud", "table", "green", "house", "light", "music", "paper",
@@ -40,8 +40,7 @@ INSTRUCTIONS = Pools(
 
 
 def draw(rng: random.Random, split: str) -> tuple[str, str]:
-    vocab = WORDS.of(split)
-    words = [pick(rng, vocab) for _ in range(rng.randint(3, 6))]
+    words = [pick_or_invent(rng, WORDS, split, p_invent=0.3, capitalize=False) for _ in range(rng.randint(3, 5))]
     return pick(rng, INSTRUCTIONS.of(split)) + " ".join(words), " ".join(reversed(words))
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 
-from .core import Pools, Task, pick, split_every
+from .core import Pools, Task, pick, pick_or_invent, split_every
 
 DEPARTMENTS = split_every((
     "Sales", "Marketing", "Engineering", "Finance", "Legal", "Support", "Research", "Design",
@@ -68,7 +68,7 @@ QUESTIONS = Pools(tuple(q for _, train, _ in INTENTS for q in train), tuple(q fo
 def draw(rng: random.Random, split: str) -> tuple[str, str]:
     sql, train_questions, heldout_questions = pick(rng, INTENTS)
     question = pick(rng, train_questions if split == "train" else heldout_questions)
-    values = dict(d=pick(rng, DEPARTMENTS.of(split)), c=pick(rng, CITIES.of(split)),
+    values = dict(d=pick_or_invent(rng, DEPARTMENTS, split), c=pick_or_invent(rng, CITIES, split),
                   n=pick(rng, AGES.of(split)), s=pick(rng, SALARIES.of(split)))
     return INSTRUCTION + question.format(**values), sql.format(**values)
 
