@@ -22,6 +22,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
+from loramux import BASE_ADAPTER
 from loramux.adapter import AdapterFile, read_adapter
 from loramux.combine import combine_layer
 from loramux.errors import (AdapterConfigError, AdapterExistsError, AdapterNamesError, MergedAdapterError,
@@ -33,7 +34,6 @@ from loramux.merging import merge_layer, unmerge_layer
 
 logger = logging.getLogger(__name__)
 
-BASE_ADAPTER = "__base__"
 _UNSET = object()
 
 
