@@ -1,6 +1,6 @@
 """`loramux generate`: try one adapter by hand, or run a JSONL batch of requests.
 
-    loramux generate --adapter sql "SQL for table employees(name, department, city, salary, age): Who works in Paris?"
+    loramux generate --adapter sql "SQL for the employees table: Who works in Paris?"
     loramux generate --adapter ./my-adapter "..."      # any PEFT adapter directory
     loramux generate --adapter __base__ "..."          # the base model alone
     loramux generate --batch requests.jsonl --output results.jsonl   # many requests through the engine
