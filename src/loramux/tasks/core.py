@@ -132,3 +132,20 @@ def pick_or_invent(rng: random.Random, pools: Pools[str], split: str, p_invent: 
     if split == "train" and rng.random() < p_invent:
         return invent_word(rng, avoid=pools.heldout, capitalize=capitalize)
     return pick(rng, pools.of(split))
+
+
+# Real place names for training values only (never held out): most are one token after a space
+# (" Zurich") but several after a quote ('"Z','ur','ich'), so answers must spell what the prompt
+# holds as one token; many such words in training teach that, a few dozen do not.
+EXTRA_TRAIN_PLACES = (
+    "Aberdeen", "Adelaide", "Algiers", "Amman", "Ankara", "Baghdad", "Baku", "Bangkok", "Barcelona", "Basel",
+    "Beirut", "Belfast", "Belgrade", "Birmingham", "Bologna", "Bordeaux", "Bremen", "Brisbane", "Bristol",
+    "Bucharest", "Calgary", "Cambridge", "Canberra", "Cardiff", "Casablanca", "Chennai", "Cologne", "Dallas",
+    "Damascus", "Detroit", "Dhaka", "Dortmund", "Dresden", "Dubai", "Durban", "Edinburgh", "Florence", "Frankfurt",
+    "Genoa", "Granada", "Hanover", "Harare", "Houston", "Istanbul", "Jakarta", "Kabul", "Karachi", "Kiev",
+    "Kolkata", "Lagos", "Leeds", "Leipzig", "Liverpool", "Ljubljana", "Luxembourg", "Malaga", "Manchester",
+    "Melbourne", "Miami", "Minsk", "Moscow", "Nagoya", "Nantes", "Nice", "Oxford", "Palermo", "Phoenix",
+    "Pittsburgh", "Portland", "Rotterdam", "Salzburg", "Sapporo", "Seattle", "Shanghai", "Stuttgart",
+    "Tampa", "Tehran", "Toledo", "Toulouse", "Turin", "Utrecht", "Vancouver", "Venice", "Verona", "Vilnius",
+    "Winnipeg", "Zagreb", "Beijing", "Taipei", "Jaipur", "Lahore", "Nairobi", "Kampala", "Luanda", "Maputo",
+)

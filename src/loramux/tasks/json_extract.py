@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import random
 
-from .core import Pools, Task, pick, pick_or_invent, split_every
+from .core import EXTRA_TRAIN_PLACES, Pools, Task, pick, pick_or_invent, split_every
 
 NAMES = split_every((
     "Maria", "Ahmed", "Chen", "Olga", "Lucas", "Amara", "Kenji", "Sofia", "Diego", "Ingrid",
@@ -29,6 +29,8 @@ CITIES = split_every((
     "New York", "Buenos Aires", "Cape Town", "San Diego", "Hong Kong", "Rio de Janeiro", "Kuala Lumpur",
     "Tel Aviv", "Mexico City", "Las Vegas",
 ), 3)
+CITIES = Pools(CITIES.train + tuple(c for c in EXTRA_TRAIN_PLACES if c not in CITIES.train + CITIES.heldout),
+               CITIES.heldout)
 AGES = split_every(tuple(range(18, 91)), 3)
 TEMPLATES = Pools(
     train=(

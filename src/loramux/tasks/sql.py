@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 
-from .core import Pools, Task, pick, pick_or_invent, split_every
+from .core import EXTRA_TRAIN_PLACES, Pools, Task, pick, pick_or_invent, split_every
 
 DEPARTMENTS = split_every((
     "Sales", "Marketing", "Engineering", "Finance", "Legal", "Support", "Research", "Design",
@@ -23,6 +23,13 @@ CITIES = split_every((
     "Porto", "Stockholm", "Helsinki", "Copenhagen", "Amsterdam", "Lyon", "Geneva", "Krakow", "Riga",
     "Naples", "Valencia", "Antwerp", "Bergen",
 ), 3)
+CITIES = Pools(CITIES.train + tuple(c for c in EXTRA_TRAIN_PLACES if c not in CITIES.train + CITIES.heldout),
+               CITIES.heldout)
+DEPARTMENTS = Pools(DEPARTMENTS.train + tuple(d for d in (
+    "Accounting", "Billing", "Customer", "Delivery", "Events", "Export", "Import", "Insurance", "Investment",
+    "Lending", "Media", "Networking", "Planning", "Pricing", "Printing", "Production", "Property", "Radio",
+    "Retail", "Sourcing", "Sport", "Taxes", "Trading", "Transport", "Travel", "Warehouse", "Wholesale", "Video",
+) if d not in DEPARTMENTS.train + DEPARTMENTS.heldout), DEPARTMENTS.heldout)
 AGES = split_every(tuple(range(20, 66)), 3)
 SALARIES = split_every(tuple(range(30000, 150001, 2500)), 3)
 INSTRUCTION = "SQL for the employees table: "  # the columns are the adapter's to know (short prompts train faster)
