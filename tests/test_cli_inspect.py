@@ -1,7 +1,7 @@
 """`loramux inspect`: reads an adapter without a model; a bad one exits 1 with the loader's message."""
 from __future__ import annotations
 
-from conftest import make_adapter, tiny_llama
+from lora_fixtures import make_adapter, tiny_llama
 from loramux.cli import main
 
 

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import loramux
-from conftest import VOCAB, make_adapter, tiny_gpt2, tiny_llama
+from lora_fixtures import VOCAB, make_adapter, tiny_gpt2, tiny_llama
 from loramux import (AdapterConfigError, AdapterError, AdapterExistsError, AdapterNamesError, AdapterNotFoundError,
                      AdapterWeightsError, MultiLoraModel, TargetModuleError, UnknownAdapterError)
 

@@ -9,7 +9,7 @@ import psutil
 import pytest
 import torch
 
-from conftest import VOCAB, make_adapter, tiny_llama
+from lora_fixtures import VOCAB, make_adapter, tiny_llama
 from loramux import MultiLoraModel, UnknownAdapterError
 
 

@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from conftest import VOCAB, make_adapter, peft_oracle, tiny_gpt2, tiny_llama
+from lora_fixtures import VOCAB, make_adapter, peft_oracle, tiny_gpt2, tiny_llama
 from loramux import MultiLoraModel
 
 ATOL = 1e-5

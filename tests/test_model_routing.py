@@ -8,7 +8,7 @@ import threading
 import pytest
 import torch
 
-from conftest import VOCAB, make_adapter, tiny_llama
+from lora_fixtures import VOCAB, make_adapter, tiny_llama
 from loramux import MultiLoraModel, UnknownAdapterError
 
 NAMES = ["a", "b", "c"]

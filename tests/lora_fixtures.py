@@ -1,11 +1,14 @@
-"""Tiny seeded models built from configs, and PEFT-made adapters with non-zero B (init_lora_weights=False)."""
+"""Tiny seeded models built from configs, and PEFT-made adapters with non-zero B (init_lora_weights=False).
+
+A plain module (not conftest.py): several conftest.py files live in this tree, so `from conftest import`
+would be ambiguous.
+"""
 from __future__ import annotations
 
 import copy
 import warnings
 from pathlib import Path
 
-import pytest
 import torch
 
 warnings.filterwarnings("ignore", message=".*save_embedding_layers.*")
@@ -62,14 +65,3 @@ def peft_oracle(base, adapters: dict[str, Path]):
     for name in names[1:]:
         model.load_adapter(str(adapters[name]), adapter_name=name)
     return model.eval()
-
-
-@pytest.fixture
-def llama():
-    return tiny_llama()
-
-
-@pytest.fixture
-def ids():
-    torch.manual_seed(123)
-    return torch.randint(3, VOCAB, (4, 9))
