@@ -7,8 +7,12 @@ One step (``Engine.step``):
 3. prefill newcomers, at most ``prefill_chunk`` prompt tokens this step (a long prompt is cut
    into chunks over several steps), so running decodes never wait for more than one chunk;
    a request whose prompt is done samples its first token and joins the running batch;
-4. one decode forward for every running row, whatever its adapter (``adapter_names`` per row),
-   rows kept grouped by adapter; sample; stream deltas; finished rows leave the KV cache at once.
+4. one decode forward for every running row, whatever its adapter (``adapter_names`` per row);
+   sample; stream deltas; finished rows leave the KV cache at once.
+
+Rows stay in arrival-slot order rather than sorted by adapter: joining or leaving then copies one
+row of KV instead of the whole cache, and the core's decode path (few tokens per row, several
+adapters) masks rank columns per row, so it does not care about row order.
 
 Requests run alone through prefill (no padding: on a CPU a chunk of a few hundred tokens already
 fills the matrix units) and together in decode, where batching is what pays.
@@ -215,7 +219,22 @@ class Engine:
 
     # ------------------------------------------------------------------ the step
     def step(self) -> bool:
-        """One iteration; returns False when nothing could run (only waiting on loads, or idle)."""
+        """One iteration; returns False when nothing could run (only waiting on loads, or idle).
+
+        Any error inside fails the requests it concerns (all running ones, for a model error) and
+        leaves the engine serving; KV buffers are inference tensors, so everything runs in that mode.
+        """
+        with torch.inference_mode():
+            try:
+                return self._step()
+            except Exception as exc:  # noqa: BLE001 - never let one bad step kill the loop
+                logger.exception("engine step failed; failing its %d running requests", len(self.scheduler.running))
+                for req in list(self.scheduler.running):
+                    self._finish(req, "error", error=f"{type(exc).__name__}: {exc}")
+                self._prefilling, self._rows, self._kv = [], [], None
+                return True
+
+    def _step(self) -> bool:
         with self._wake:
             new, self._inbox = self._inbox, []
             cancels, self._cancels = self._cancels, set()
@@ -229,15 +248,9 @@ class Engine:
         if not self._prefilling and not self._rows:
             return False
         self.counters["steps"] += 1
-        try:
-            joined = self._prefill()
-            self._join(joined)
-            self._decode()
-        except Exception as exc:  # a model error fails the batch it hit, never the engine
-            logger.exception("engine step failed; failing its %d running requests", len(self.scheduler.running))
-            for req in list(self.scheduler.running):
-                self._finish(req, "error", error=f"{type(exc).__name__}: {exc}")
-            self._prefilling, self._rows, self._kv = [], [], None
+        joined = self._prefill()
+        self._join(joined)
+        self._decode()
         return True
 
     def _apply_cancels(self, cancels: set[str]) -> None:
@@ -263,9 +276,8 @@ class Engine:
         input_ids, position_ids: (B, T); the cache mask grows by T columns first.
         """
         mask = kv.extend_mask(input_ids.shape[1], input_ids.device)  # (B, L + T)
-        with torch.inference_mode():
-            out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, past_key_values=kv,
-                             use_cache=True, adapter_names=[a or BASE_ADAPTER for a in adapters], logits_to_keep=1)
+        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, past_key_values=kv,
+                         use_cache=True, adapter_names=[a or BASE_ADAPTER for a in adapters], logits_to_keep=1)
         return out.logits[:, -1, :]  # (B, 1, V) -> (B, V)
 
     def _prefill(self) -> list[Request]:
@@ -277,7 +289,7 @@ class Engine:
             req = self._prefilling[0]
             if req.kv_part is None:
                 req.kv_part = kvops.RowsKV()
-                req.kv_part.start(1)
+                req.kv_part.begin(1)
             n = min(budget, len(req.prompt_ids) - req.prefilled)
             chunk = torch.tensor([req.prompt_ids[req.prefilled: req.prefilled + n]], device=device)  # (1, n)
             pos = torch.arange(req.prefilled, req.prefilled + n, device=device).unsqueeze(0)  # (1, n)
@@ -292,23 +304,13 @@ class Engine:
         return done
 
     def _join(self, joined: list[Request]) -> None:
-        """Merge freshly prefilled requests into the decode batch, rows grouped by adapter."""
-        if not joined:
-            return
-        part = joined[0].kv_part if len(joined) == 1 else self._stack([r.kv_part for r in joined])
-        rows = self._rows + joined
-        order = sorted(range(len(rows)), key=lambda i: (rows[i].adapter or "", i))
-        self._kv = kvops.merge(self._kv, part, None if order == list(range(len(rows))) else order)
-        self._rows = [rows[i] for i in order]
+        """Append freshly prefilled requests to the decode batch (their KV rows are copied in once)."""
         for req in joined:
+            if self._kv is None:
+                self._kv = kvops.RowsKV()
+            self._kv.add(req.kv_part)
+            self._rows.append(req)
             req.kv_part = None
-
-    @staticmethod
-    def _stack(parts: list[kvops.RowsKV]) -> kvops.RowsKV:
-        stacked = parts[0]
-        for part in parts[1:]:
-            stacked = kvops.merge(stacked, part)
-        return stacked
 
     def _decode(self) -> None:
         if not self._rows:
@@ -350,11 +352,12 @@ class Engine:
         return keep if many else keep[0]
 
     def _drop_rows(self, gone: list[Request]) -> None:
-        if not gone:
+        if not gone or self._kv is None:
             return
-        keep = [i for i, r in enumerate(self._rows) if r not in gone]
-        self._kv = kvops.select(self._kv, keep) if self._kv is not None else None
-        self._rows = [self._rows[i] for i in keep]
+        order = self._kv.remove([i for i, r in enumerate(self._rows) if r in gone])
+        self._rows = [self._rows[j] for j in order]
+        if not self._rows:
+            self._kv = None
 
     def _output(self, req: Request, token_ids: list[int], text: str, reason: str | None = None,
                 error: str | None = None) -> RequestOutput:

@@ -3,18 +3,23 @@
 Why left padding: every row's newest token then sits in the same column, so one decode step is a
 plain ``(B, 1)`` forward for all rows, whatever their lengths. The 2-D ``mask`` (1 = real token,
 0 = padding) goes to the model as ``attention_mask``; positions come from each row's real length,
-so a row computes exactly what it would alone (up to float summation order).
+so a row computes what it would alone (up to float summation order). Padding holds zeros, never
+garbage: a masked position still meets a multiply, and 0 * NaN would poison the row.
 
-``RowsKV`` is a transformers ``Cache`` whose layers keep keys/values in a buffer with spare room
-along the sequence axis: a decode step writes one column in place instead of re-concatenating the
-whole cache (what ``DynamicLayer`` does every step). Batch changes (a sequence joins, one leaves)
-rebuild the buffers once per event:
+``RowsKV`` is a transformers ``Cache`` whose layers keep keys/values in buffers with spare room
+in both directions, so that nothing copies the whole cache in the common cases:
 
-- ``merge(a, b, order)``: rows of both, right-aligned to the longer length, in ``order``;
-- ``select(rows)``: keep some rows and drop the leading columns that are padding in all of them,
-  so memory is freed as soon as a sequence finishes.
+- a decode step writes one column in place (``DynamicLayer`` re-concatenates everything);
+- a sequence joins (``add``) by writing its rows into free row slots, right-aligned; if it is
+  longer than the batch, the window's start moves left into the spare margin (zeroed);
+- a sequence leaves (``remove``) by moving the last row into its slot (one row copied), and the
+  window's start moves right past columns that are padding for every remaining row.
 
-Shapes: keys/values (B, H, L, D) with B rows, H kv heads, L padded length, D head dim.
+Buffers are reallocated (one copy) only when a margin runs out, and shrunk when mostly empty, so
+finished sequences give their memory back.
+
+Shapes: buffers (Bcap, H, Lcap, D); the live window is rows [0, B) x columns [start, end), with B
+rows, H kv heads, D head dim; ``width = end - start``.
 """
 from __future__ import annotations
 
@@ -24,60 +29,64 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 
-def _room(length: int) -> int:
-    """Capacity for ``length`` tokens plus headroom, so growth reallocates rarely (O(log) times)."""
-    return length + max(32, length // 4)
+def _room(n: int, minimum: int = 32) -> int:
+    """``n`` plus headroom (a quarter, at least ``minimum``): growth reallocates O(log) times."""
+    return n + max(minimum, n // 4)
 
 
 class _RowsLayer(DynamicLayer):
-    """One layer's keys/values in a (B, H, capacity, D) buffer; ``keys``/``values`` view its filled part."""
+    """One layer's keys/values; ``keys``/``values`` view the live window (what attention reads)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.buf_k: torch.Tensor | None = None
         self.buf_v: torch.Tensor | None = None
-        self.length = 0
+        self.rows = self.start = self.end = 0
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
         self.is_initialized = True
 
-    def set(self, buf_k: torch.Tensor, buf_v: torch.Tensor, length: int) -> None:
-        self.buf_k, self.buf_v, self.length = buf_k, buf_v, length
-        self.dtype, self.device, self.is_initialized = buf_k.dtype, buf_k.device, True
-        self.keys, self.values = buf_k[:, :, :length], buf_v[:, :, :length]
+    def _view(self) -> None:
+        self.keys = self.buf_k[: self.rows, :, self.start: self.end]
+        self.values = self.buf_v[: self.rows, :, self.start: self.end]
+
+    def resize(self, rows_cap: int, cols_cap: int, start: int) -> None:
+        """New buffers with the live window copied to columns starting at ``start``."""
+        b, h, _, d = self.buf_k.shape
+        width = self.end - self.start
+        buf_k = self.buf_k.new_empty(rows_cap, h, cols_cap, d)
+        buf_v = self.buf_v.new_empty(rows_cap, h, cols_cap, d)
+        buf_k[: self.rows, :, start: start + width] = self.buf_k[: self.rows, :, self.start: self.end]
+        buf_v[: self.rows, :, start: start + width] = self.buf_v[: self.rows, :, self.start: self.end]
+        self.buf_k, self.buf_v, self.start, self.end = buf_k, buf_v, start, start + width
+        self._view()
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        # key_states: (B, H, T, D) for the T new tokens of every row
+        # key_states: (B, H, T, D), the T new tokens of every live row
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        t = key_states.shape[-2]
-        end = self.length + t
-        if self.buf_k is None or end > self.buf_k.shape[-2]:
-            b, h, _, d = key_states.shape
-            buf_k = key_states.new_empty(b, h, _room(end), d)
-            buf_v = value_states.new_empty(b, h, _room(end), d)
-            if self.length:
-                buf_k[:, :, : self.length] = self.buf_k[:, :, : self.length]
-                buf_v[:, :, : self.length] = self.buf_v[:, :, : self.length]
-            self.buf_k, self.buf_v = buf_k, buf_v
-        self.buf_k[:, :, self.length:end] = key_states  # one column per step while decoding
-        self.buf_v[:, :, self.length:end] = value_states
-        self.set(self.buf_k, self.buf_v, end)
+        b, h, t, d = key_states.shape
+        if self.buf_k is None:
+            self.buf_k = key_states.new_empty(b, h, _room(t), d)
+            self.buf_v = value_states.new_empty(b, h, _room(t), d)
+            self.rows = b
+        elif self.end + t > self.buf_k.shape[2]:
+            self.resize(self.buf_k.shape[0], _room(self.end - self.start + t), 0)
+        self.buf_k[: self.rows, :, self.end: self.end + t] = key_states
+        self.buf_v[: self.rows, :, self.end: self.end + t] = value_states
+        self.end += t
+        self._view()
         return self.keys, self.values
 
     def get_seq_length(self) -> int:
-        return self.length
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:  # pragma: no cover - HF API completeness
-        if self.buf_k is not None:
-            self.set(self.buf_k[indices], self.buf_v[indices], self.length)
+        return self.end - self.start
 
 
 class RowsKV(Cache):
     """A left-padded batch cache plus its attention mask; see the module docstring.
 
-    ``mask``: (B, L) long, 1 for real tokens; ``lengths``: real tokens per row.
+    ``mask``: (B, width) long, 1 for real tokens; ``lengths``: real tokens per row.
     """
 
     def __init__(self) -> None:
@@ -91,96 +100,83 @@ class RowsKV(Cache):
 
     @property
     def width(self) -> int:
-        """The padded length L."""
         return self.mask.shape[1] if self.mask is not None else 0
 
     def nbytes(self) -> int:
-        """Bytes held by the buffers (capacity, not only the filled part)."""
+        """Bytes held by the buffers (their capacity, not only the live window)."""
         return sum(t.numel() * t.element_size() for layer in self.layers
                    for t in (layer.buf_k, layer.buf_v) if t is not None)
 
-    def extend_mask(self, new_tokens: int, device: torch.device) -> torch.Tensor:
-        """Grow the mask by ``new_tokens`` real columns for every row; the attention mask of the next forward.
+    def begin(self, rows: int) -> None:
+        """An empty cache for ``rows`` sequences that will be fed the same number of tokens."""
+        self.lengths, self.mask = [0] * rows, None
 
-        mask: (B, L) -> (B, L + new_tokens)
+    def extend_mask(self, new_tokens: int, device: torch.device) -> torch.Tensor:
+        """The attention mask of the next forward, which feeds ``new_tokens`` real tokens to every row.
+
+        mask: (B, width) -> (B, width + new_tokens)
         """
         ones = torch.ones(self.rows, new_tokens, dtype=torch.long, device=device)
         self.mask = ones if self.mask is None else torch.cat([self.mask, ones], dim=1)
         self.lengths = [n + new_tokens for n in self.lengths]
         return self.mask
 
-    def start(self, rows: int) -> None:
-        """An empty cache for ``rows`` sequences that will all be fed the same number of tokens."""
-        self.lengths = [0] * rows
-        self.mask = None
+    def add(self, other: "RowsKV") -> None:
+        """Append the rows of ``other`` (e.g. a freshly prefilled sequence) after the live rows."""
+        if self.rows == 0:  # adopt its buffers as they are: no copy
+            self.layers, self.mask, self.lengths = other.layers, other.mask, list(other.lengths)
+            return
+        old, new, width = self.rows, other.rows, max(self.width, other.width)
+        grow = width - self.width  # columns the window gains on the left
+        for mine, theirs in zip(self.layers, other.layers):
+            rows_cap = mine.buf_k.shape[0]
+            if old + new > rows_cap or grow > mine.start:
+                mine.resize(max(rows_cap, _room(old + new, 4)), _room(width + 1) + grow, max(grow, 32))
+            if grow:
+                mine.start -= grow  # the new left columns are padding for the rows already there
+                mine.buf_k[:old, :, mine.start: mine.start + grow] = 0
+                mine.buf_v[:old, :, mine.start: mine.start + grow] = 0
+            pad = width - other.width  # left padding of the newcomers
+            rows = slice(old, old + new)
+            mine.buf_k[rows, :, mine.start: mine.start + pad] = 0
+            mine.buf_v[rows, :, mine.start: mine.start + pad] = 0
+            mine.buf_k[rows, :, mine.start + pad: mine.end] = theirs.keys
+            mine.buf_v[rows, :, mine.start + pad: mine.end] = theirs.values
+            mine.rows = old + new
+            mine._view()
+        left = lambda m, n: torch.nn.functional.pad(m, (n, 0)) if n else m  # noqa: E731 - zeros on the left
+        self.mask = torch.cat([left(self.mask, grow), left(other.mask, width - other.width)], dim=0)
+        self.lengths += other.lengths
 
+    def remove(self, gone: Sequence[int]) -> list[int]:
+        """Drop rows ``gone``; returns, for each remaining row position, the old row index now there.
 
-def merge(a: RowsKV | None, b: RowsKV, order: Sequence[int] | None = None) -> RowsKV:
-    """Rows of ``a`` then ``b`` (re-ordered by ``order``, indices into that concatenation) in one new cache.
-
-    Each is right-aligned to the longer width (more left padding for the shorter). One copy of
-    every key/value, written straight to its final row.
-    """
-    if a is None or a.rows == 0:
-        parts = [b]
-    else:
-        parts = [a, b]
-    width = max(p.width for p in parts)
-    total = sum(p.rows for p in parts)
-    order_t = None if order is None else list(order)
-    dest = list(range(total)) if order_t is None else [0] * total
-    if order_t is not None:
-        for new_row, old_row in enumerate(order_t):
-            dest[old_row] = new_row
-    device = b.mask.device
-    out = RowsKV()
-    out.lengths = [0] * total
-    out.mask = torch.zeros(total, width, dtype=torch.long, device=device)
-    offset = 0
-    row_slices = []
-    for p in parts:
-        idx = torch.tensor(dest[offset: offset + p.rows], device=device)
-        out.mask[idx, width - p.width:] = p.mask
-        for i in range(p.rows):
-            out.lengths[dest[offset + i]] = p.lengths[i]
-        row_slices.append((p, idx))
-        offset += p.rows
-    for layer_idx in range(len(b.layers)):
-        ref = b.layers[layer_idx].buf_k  # (G, H, cap, D)
-        _, h, _, d = ref.shape
-        buf_k = ref.new_zeros(total, h, _room(width), d)
-        buf_v = ref.new_zeros(total, h, _room(width), d)
-        for p, idx in row_slices:
-            src = p.layers[layer_idx]
-            buf_k[idx, :, width - p.width: width] = src.buf_k[:, :, : p.width]
-            buf_v[idx, :, width - p.width: width] = src.buf_v[:, :, : p.width]
-        layer = _RowsLayer()
-        layer.set(buf_k, buf_v, width)
-        out.layers.append(layer)
-    return out
-
-
-def select(kv: RowsKV, rows: Sequence[int]) -> RowsKV | None:
-    """Only ``rows`` (in that order), without the columns that are padding in all of them; None if empty."""
-    if not rows:
-        return None
-    device = kv.mask.device
-    idx = torch.tensor(list(rows), device=device)
-    mask = kv.mask.index_select(0, idx)  # (B', L)
-    real_cols = mask.any(dim=0).nonzero()
-    trim = int(real_cols[0].item()) if real_cols.numel() else 0
-    width = kv.width - trim
-    out = RowsKV()
-    out.mask = mask[:, trim:].contiguous()
-    out.lengths = [kv.lengths[r] for r in rows]
-    for src in kv.layers:
-        _, h, _, d = src.buf_k.shape
-        buf_k = src.buf_k.new_empty(len(rows), h, _room(width), d)
-        buf_v = src.buf_v.new_empty(len(rows), h, _room(width), d)
-        # gather the rows then copy the kept columns into place: (B', H, width, D)
-        buf_k[:, :, :width] = src.buf_k[idx, :, trim: kv.width]
-        buf_v[:, :, :width] = src.buf_v[idx, :, trim: kv.width]
-        layer = _RowsLayer()
-        layer.set(buf_k, buf_v, width)
-        out.layers.append(layer)
-    return out
+        Each removed row is filled by the current last row (one row copied), then columns that are
+        padding for every remaining row are dropped from the window (no copy), and buffers that are
+        mostly empty are shrunk (one copy of the live window).
+        """
+        order = list(range(self.rows))
+        for i in sorted(set(gone), reverse=True):
+            last = len(order) - 1
+            if i != last:
+                for layer in self.layers:
+                    layer.buf_k[i, :, layer.start: layer.end] = layer.buf_k[last, :, layer.start: layer.end]
+                    layer.buf_v[i, :, layer.start: layer.end] = layer.buf_v[last, :, layer.start: layer.end]
+                self.mask[i] = self.mask[last]
+                self.lengths[i] = self.lengths[last]
+                order[i] = order[last]
+            order.pop()
+            self.lengths.pop()
+        rows = len(order)
+        self.mask = self.mask[:rows]
+        real = self.mask.any(dim=0).nonzero()
+        trim = int(real[0].item()) if rows and real.numel() else 0
+        self.mask = self.mask[:, trim:]
+        for layer in self.layers:
+            layer.rows, layer.start = rows, layer.start + trim
+            rows_cap, cols_cap = layer.buf_k.shape[0], layer.buf_k.shape[2]
+            width = layer.end - layer.start
+            if rows and (rows_cap > 2 * rows + 4 or cols_cap > 2 * width + 64):
+                layer.resize(_room(rows, 4), _room(width) + 32, 32)
+            layer._view()
+        return order

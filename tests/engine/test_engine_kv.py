@@ -1,0 +1,80 @@
+"""RowsKV: joins, decode steps and removals keep every row's keys in order, left-padded with zeros."""
+from __future__ import annotations
+
+import random
+
+import torch
+
+from loramux.engine.kv import RowsKV
+
+H, D, LAYERS = 2, 3, 2
+
+
+def _feed(kv: RowsKV, values: torch.Tensor) -> None:
+    """One 'forward': values (B, T) become the keys (and minus the values) of T new tokens in every layer."""
+    kv.extend_mask(values.shape[1], values.device)
+    k = values[:, None, :, None].expand(-1, H, -1, D).float()  # (B, H, T, D)
+    for layer in range(LAYERS):
+        kv.update(k + layer, -(k + layer), layer)
+
+
+def _check(kv: RowsKV, seqs: list[int], tokens: dict[int, list[float]]) -> None:
+    assert kv.rows == len(seqs) == kv.mask.shape[0]
+    for layer_idx, layer in enumerate(kv.layers):
+        keys, values = layer.keys, layer.values  # what attention would read: (B, H, width, D)
+        assert keys.shape == (kv.rows, H, kv.width, D) and layer.get_seq_length() == kv.width
+        assert torch.isfinite(keys).all() and torch.isfinite(values).all()
+        for row, seq in enumerate(seqs):
+            real = kv.mask[row].bool()
+            assert int(real.sum()) == kv.lengths[row] == len(tokens[seq])
+            assert not real[: kv.width - kv.lengths[row]].any()  # left padding only
+            want = torch.tensor(tokens[seq]) + layer_idx
+            assert torch.equal(keys[row, 0, real, 0], want) and torch.equal(values[row, 1, real, 2], -want)
+            assert (keys[row, :, ~real] == 0).all()
+    if kv.rows:  # the window is trimmed: some row starts at column 0
+        assert kv.mask[:, 0].any()
+
+
+def test_random_joins_steps_and_removals_keep_rows_intact():
+    rng = random.Random(0)
+    batch, seqs, tokens, next_id = RowsKV(), [], {}, 0
+    for _ in range(120):
+        op = rng.random()
+        if op < 0.3 or not seqs:  # a sequence joins, prefilled in 1-2 chunks
+            n = rng.randrange(1, 40)
+            seq, next_id = next_id, next_id + 1
+            tokens[seq] = [seq * 1000.0 + j for j in range(n)]
+            part = RowsKV()
+            part.begin(1)
+            cut = rng.randrange(1, n + 1)
+            _feed(part, torch.tensor([tokens[seq][:cut]]))
+            if cut < n:
+                _feed(part, torch.tensor([tokens[seq][cut:]]))
+            batch.add(part)
+            seqs.append(seq)
+        elif op < 0.45:  # some sequences leave
+            gone = rng.sample(range(len(seqs)), rng.randrange(1, len(seqs) + 1))
+            order = batch.remove(gone)
+            assert sorted(order) == sorted(set(range(len(seqs))) - set(gone))
+            seqs = [seqs[j] for j in order]
+            if not seqs:
+                batch = RowsKV()
+                continue
+        else:  # a decode step: one token per row
+            new = [seq * 1000.0 + len(tokens[seq]) for seq in seqs]
+            for seq, value in zip(seqs, new):
+                tokens[seq].append(value)
+            _feed(batch, torch.tensor(new)[:, None])
+        _check(batch, seqs, tokens)
+
+
+def test_buffers_shrink_when_rows_leave():
+    batch = RowsKV()
+    for i in range(16):
+        part = RowsKV()
+        part.begin(1)
+        _feed(part, torch.arange(200.0)[None] + 1000 * i)
+        batch.add(part)
+    big = batch.nbytes()
+    batch.remove(list(range(15)))
+    assert batch.rows == 1 and batch.nbytes() < big / 2
