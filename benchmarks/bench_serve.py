@@ -222,7 +222,8 @@ def run_peft_static(pm, jobs: list[Job], max_tokens: int, batch: int = 8) -> dic
 
 # ---------------------------------------------------------------------------- report
 LABELS = {"a": "(a) engine, mixed adapters", "b": "(b) engine, base model only",
-          "c": "(c) PEFT generate, one at a time + set_adapter", "d": "(d) PEFT static batches of 8, adapter_names="}
+          "c": "(c) PEFT generate, one at a time + set_adapter",
+          "d": "(d) PEFT static batches of 8, adapter_names="}
 
 
 def table_rows(res: dict) -> list[str]:
@@ -230,6 +231,8 @@ def table_rows(res: dict) -> list[str]:
     for key, label in [*LABELS.items(), *[(f"n{n}", f"(a) over {n} registered adapters, <= {res['resident']} resident")
                                           for n in res["scale"]]]:
         r = res["runs"].get(key)
+        if key == "c" and r:
+            label += f" (first {res['peft_seq']} requests)"
         if r:
             rows.append(f"| {label} | {r['tps']:.1f} | {r['ttft50']:.2f} / {r['ttft99']:.2f} | "
                         f"{1000 * r['itl50']:.0f} / {1000 * r['itl99']:.0f} | {r['wall']:.0f} |")
@@ -294,7 +297,7 @@ def plot(res: dict) -> None:
     ax.set_xlabel("registered adapters")
     ax.set_ylabel("generated tokens / s")
     ax.set_ylim(bottom=0)
-    ax.set_title(f"{res['requests']} requests, {THREADS} CPU threads, SmolLM2-135M shape")
+    ax.set_title(f"{res['requests']} requests, {torch.get_num_threads()} CPU threads, SmolLM2-135M shape")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(PLOT_PATH, dpi=110)
@@ -322,13 +325,16 @@ def main() -> int:
     parser.add_argument("--resident", type=int, default=32, help="max resident adapters in the scale runs")
     parser.add_argument("--scale", default="128,2000", help="registered-adapter counts for the scale runs")
     parser.add_argument("--systems", default="abcd", help="which of (a)-(d) to run")
+    parser.add_argument("--peft-seq-requests", type=int, default=16,
+                        help="(c) runs the first N requests only: one at a time it takes ~40 s per request here")
+    parser.add_argument("--threads", type=int, default=THREADS)
     parser.add_argument("--quick", action="store_true", help="16 requests, no (c), scale 2000 only")
     parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md and the plot alone")
     args = parser.parse_args()
     if args.quick:
         args.requests, args.systems, args.scale = 16, args.systems.replace("c", ""), "2000"
-    torch.set_num_threads(THREADS)
-    print(f"torch.set_num_threads({THREADS}) -> {torch.get_num_threads()}")
+    torch.set_num_threads(args.threads)
+    print(f"torch.set_num_threads({args.threads}) -> {torch.get_num_threads()}")
     import peft
     import transformers
     from peft import PeftModel
@@ -341,6 +347,7 @@ def main() -> int:
     t_start = time.perf_counter()
     scale = [int(x) for x in args.scale.split(",") if x]
     res = {"date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), "load": [os.getloadavg()[0]],
+           "peft_seq": args.peft_seq_requests,
            "versions": (transformers.__version__, peft.__version__), "runs": {}, "scale": scale,
            "requests": args.requests, "rate": args.rate, "max_tokens": args.max_tokens, "resident": args.resident,
            "max_running": args.max_running, "prefill_chunk": args.prefill_chunk}
@@ -372,10 +379,14 @@ def main() -> int:
                     continue
                 t = time.perf_counter()
                 if key in "ab":
+                    if key == "a":  # steady state: the 16 adapters resident (the scale runs start cold)
+                        for n in names:
+                            if n not in lm.adapters:
+                                lm.load_adapter(tmp / "src" / n, adapter_name=n)
                     wl = jobs if key == "a" else [Job(j.arrival, j.prompt, None) for j in jobs]
                     res["runs"][key] = run_engine(lm, registry, wl, args.max_tokens, None, args)
                 elif key == "c":
-                    res["runs"][key] = run_peft_sequential(pm, jobs, args.max_tokens)
+                    res["runs"][key] = run_peft_sequential(pm, jobs[: args.peft_seq_requests], args.max_tokens)
                 else:
                     res["runs"][key] = run_peft_static(pm, jobs, args.max_tokens)
                 print(f"{LABELS[key]}: {res['runs'][key]['tps']:.1f} tok/s in {time.perf_counter() - t:.0f} s")

@@ -214,3 +214,20 @@ def test_host_tier_on_cuda_skips_the_disk_on_reload(registry):
     assert kinds == [("a", "AdapterFile"), ("b", "AdapterFile"), ("a", "AdapterFile")]
     assert model.sources[0][1] is model.sources[2][1]
     assert cache.stats()["host_hits"] == 1 and cache.stats()["host_tier_adapters"] == 2
+
+
+def test_unregistered_or_repointed_adapter_leaves_once_unused(registry, adapters, tmp_path):
+    model = FakeModel()
+    cache = AdapterCache(model, registry, max_loaded=4)
+    load(cache, "a")
+    load(cache, "b")
+    assert cache.acquire("a")
+    registry.unregister("a")  # a running request still uses it: it stays, but is no longer served
+    assert not cache.is_resident("a") and not cache.acquire("a") and "a" in model.loaded
+    cache.release("a")
+    assert "a" not in model.loaded
+    registry.register("b", fake_adapter(tmp_path / "b2"))  # re-pointed while unused: dropped at once
+    assert "b" not in model.loaded
+    load(cache, "b")  # and loaded again from its new directory
+    assert model.sources[-1] == ("b", str(tmp_path / "b2"))
+    assert cache.stats()["evictions"] == 2

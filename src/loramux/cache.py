@@ -1,16 +1,13 @@
 """Which adapters exist, which are resident in the model, and loading/evicting them.
 
-Two objects, one concept each:
-
-- ``AdapterRegistry``: name -> directory. Registering one name, or a root whose sub-directories
-  are adapters, costs a dictionary entry; nothing is read until an adapter is first used. 2,000
-  registered adapters cost nothing more than 2,000 names.
-- ``AdapterCache``: the resident set inside one ``MultiLoraModel``. It is bounded by a count
-  (``max_loaded``) and/or a byte budget (``max_bytes``); loads run on a background thread so a
-  load never stalls requests whose adapters are already resident; an adapter pinned by a running
-  request (reference count) is never evicted; unpinned ones leave in least-recently-used order.
-  On a CUDA model a host-memory tier keeps parsed adapters in RAM between disk and device, so a
-  re-load after eviction skips the disk and the parsing.
+``AdapterCache`` is the resident set inside one ``MultiLoraModel``, fed by an ``AdapterRegistry``
+(``loramux.registry``: name -> directory, re-exported here). It is bounded by a count
+(``max_loaded``) and/or a byte budget (``max_bytes``); loads run on a background thread so a load
+never stalls requests whose adapters are already resident; an adapter pinned by a running request
+(reference count) is never evicted; unpinned ones leave in least-recently-used order; an adapter
+unregistered or re-pointed in the registry stops being served and leaves once unused. On a CUDA
+model a host-memory tier keeps parsed adapters in RAM between disk and device, so a re-load after
+eviction skips the disk and the parsing.
 
 The engine's scheduler decides *when* to load and *what* may be evicted (it knows who waits);
 this module does the bookkeeping and the work. All methods but the loader's are meant for one
@@ -20,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import struct
 import threading
 import time
@@ -30,94 +26,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from loramux.errors import AdapterError, AdapterNotFoundError, UnknownAdapterError
+from loramux.errors import AdapterError
+from loramux.registry import AdapterRegistry, check_name  # noqa: F401 - re-exported: the registry feeds the cache
 
 logger = logging.getLogger(__name__)
 
 _CONFIG = "adapter_config.json"
 _WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
-
-
-def check_name(name: str) -> str:
-    """Adapter names come from HTTP clients: refuse anything that could walk out of a root."""
-    if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name \
-            or name.startswith(".") or "\x00" in name:
-        raise UnknownAdapterError(f"{name!r} is not a valid adapter name (no path separators, not starting with '.')")
-    return name
-
-
-class AdapterRegistry:
-    """Known adapters: explicit ``register(name, path)`` entries, then sub-directories of roots.
-
-    Thread-safe. Lookups under a root check ``root/name/adapter_config.json`` on demand, so an
-    adapter copied into a root later is found without re-scanning.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._paths: dict[str, Path] = {}
-        self._roots: list[Path] = []
-
-    def register(self, name: str, path: str | os.PathLike) -> None:
-        """Know ``name`` as the adapter in ``path`` (not read now; an existing name is re-pointed)."""
-        path = Path(path)
-        if not (path / _CONFIG).is_file():
-            raise AdapterNotFoundError(f"{path / _CONFIG}: missing; register a PEFT adapter directory")
-        with self._lock:
-            self._paths[check_name(name)] = path
-
-    def unregister(self, name: str) -> None:
-        with self._lock:
-            if self._paths.pop(name, None) is None:
-                raise UnknownAdapterError(f"adapter {name!r} is not registered by name")
-
-    def add_root(self, root: str | os.PathLike) -> int:
-        """Serve every sub-directory of ``root`` that holds an adapter, under its directory name.
-
-        Returns how many are there now (one ``listdir``; no file is read).
-        """
-        root = Path(root)
-        if not root.is_dir():
-            raise AdapterNotFoundError(f"adapter root {str(root)!r} is not a directory")
-        with self._lock:
-            if root not in self._roots:
-                self._roots.append(root)
-        return sum(1 for entry in os.scandir(root) if entry.is_dir() and os.path.isfile(os.path.join(entry.path, _CONFIG)))
-
-    def path_of(self, name: str) -> Path:
-        """The directory of ``name``; ``UnknownAdapterError`` if neither registered nor under a root."""
-        with self._lock:
-            if name in self._paths:
-                return self._paths[name]
-            roots = list(self._roots)
-        check_name(name)
-        for root in roots:
-            if (root / name / _CONFIG).is_file():
-                return root / name
-        raise UnknownAdapterError(
-            f"adapter {name!r} is not known: register it (AdapterRegistry.register) or put it under an adapter root "
-            f"({', '.join(map(str, roots)) or 'none configured'})")
-
-    def __contains__(self, name: object) -> bool:
-        try:
-            self.path_of(name)  # type: ignore[arg-type]
-            return True
-        except UnknownAdapterError:
-            return False
-
-    def names(self) -> list[str]:
-        """Every known name (explicit ones first, then roots in order; first wins)."""
-        with self._lock:
-            names = dict.fromkeys(self._paths)
-            roots = list(self._roots)
-        for root in roots:
-            for entry in sorted(os.scandir(root), key=lambda e: e.name):
-                if entry.is_dir() and not entry.name.startswith(".") and os.path.isfile(os.path.join(entry.path, _CONFIG)):
-                    names.setdefault(entry.name, None)
-        return list(names)
-
-    def __len__(self) -> int:
-        return len(self.names())
 
 
 def estimate_nbytes(path: Path, element_size: int) -> int:
@@ -151,6 +66,7 @@ class _Entry:
     pins: int = 0
     tick: int = 0  # last use, for LRU
     permanent: bool = False  # loaded before the cache existed and not in the registry: cannot reload
+    stale: bool = False  # unregistered or re-pointed: no new requests; evicted once unpinned
 
 
 class AdapterCache:
@@ -192,6 +108,7 @@ class AdapterCache:
                 self.registry.register(name, info.path)
                 permanent = False
             self._entries[name] = _Entry("resident", int(info.nbytes), permanent=permanent)
+        self.registry.add_listener(self._registry_changed)
 
     # -- queries ------------------------------------------------------------------------------
     def is_resident(self, name: str | None) -> bool:
@@ -199,7 +116,7 @@ class AdapterCache:
             return True
         with self._lock:
             entry = self._entries.get(name)
-            return entry is not None and entry.state == "resident"
+            return entry is not None and entry.state == "resident" and not entry.stale
 
     def is_loading(self, name: str) -> bool:
         with self._lock:
@@ -213,7 +130,7 @@ class AdapterCache:
 
     def resident(self) -> list[str]:
         with self._lock:
-            return [n for n, e in self._entries.items() if e.state == "resident"]
+            return [n for n, e in self._entries.items() if e.state == "resident" and not e.stale]
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
@@ -226,26 +143,43 @@ class AdapterCache:
         self.counters["hits" if hit else "misses"] += 1
 
     # -- pinning (engine thread) --------------------------------------------------------------
-    def acquire(self, name: str | None) -> None:
-        """Pin a resident adapter for one running request."""
+    def acquire(self, name: str | None) -> bool:
+        """Pin a resident adapter for one running request; False if it is not (or no longer) resident."""
         if name is None:
-            return
+            return True
         with self._lock:
-            entry = self._entries[name]
-            assert entry.state == "resident", f"acquire of {name!r} while {entry.state}"
+            entry = self._entries.get(name)
+            if entry is None or entry.state != "resident" or entry.stale:
+                return False
             entry.pins += 1
             self._tick += 1
             entry.tick = self._tick
+            return True
 
     def release(self, name: str | None) -> None:
         if name is None:
             return
         with self._lock:
             entry = self._entries.get(name)
-            if entry is not None and entry.pins > 0:
-                entry.pins -= 1
-                self._tick += 1
-                entry.tick = self._tick
+            if entry is None or entry.pins == 0:
+                return
+            entry.pins -= 1
+            self._tick += 1
+            entry.tick = self._tick
+            drop = entry.stale and entry.pins == 0
+        if drop:
+            self._evict(name)
+
+    def _registry_changed(self, name: str) -> None:
+        """``name`` was unregistered or re-pointed: stop serving the resident copy, drop it once unused."""
+        with self._lock:
+            entry = self._entries.get(name)
+            if entry is None or entry.permanent:
+                return
+            entry.stale = True
+            drop = entry.state == "resident" and entry.pins == 0
+        if drop:
+            self._evict(name)
 
     # -- loading and eviction (engine thread) -------------------------------------------------
     def take_failures(self) -> dict[str, BaseException]:
@@ -266,7 +200,7 @@ class AdapterCache:
         with self._lock:
             entry = self._entries.get(name)
             if entry is not None:
-                return entry.state
+                return "stale" if entry.stale else entry.state  # stale: the old copy leaves once unused
             if sum(e.state == "loading" for e in self._entries.values()) >= self.max_concurrent_loads:
                 return "busy"
             need = estimate_nbytes(path, self._element_size)
@@ -321,6 +255,8 @@ class AdapterCache:
             if entry is None or entry.pins > 0 or entry.state != "resident":
                 return
             del self._entries[name]
+            if entry.stale and self._host is not None:  # its host copy is outdated too
+                self._host.pop(name, None)
         try:
             self.model.delete_adapter(name)
         except AdapterError:  # deleted behind our back: it is gone either way
@@ -357,7 +293,10 @@ class AdapterCache:
                 entry.tick = self._tick
                 self.counters["loads"] += 1
                 self.counters["load_seconds"] += elapsed
+                stale = entry.stale
             logger.debug("loaded adapter %s in %.3f s", name, elapsed)
+            if stale:  # unregistered or re-pointed while loading
+                self._evict(name)
         if self.on_change is not None:
             self.on_change()
 

@@ -126,3 +126,12 @@ def test_shutdown_with_abort(llama_model, registry):
     handle = engine.submit([3, 4, 5], "a", SamplingParams(max_tokens=100, temperature=0, ignore_eos=True))
     engine.shutdown(abort=True)
     assert handle.result(timeout=5).finish_reason == "abort"
+
+
+def test_unregistered_adapter_is_no_longer_served(llama_model, registry):
+    engine = Engine(llama_model, registry=registry)
+    assert engine.generate([[3, 4]], ["a"], GREEDY)[0].finish_reason == "length"
+    registry.unregister("a")
+    with pytest.raises(UnknownAdapterError):
+        engine.submit([3, 4], "a", GREEDY)
+    assert "a" not in llama_model.adapters  # unused: evicted at once

@@ -76,8 +76,9 @@ class Scheduler:
             if len(self.running) >= self.max_running or self.kv_reserved + req.kv_reserved > self.max_kv_tokens:
                 blocked = True  # rule 1: nobody overtakes this one
                 continue
+            if not self.cache.acquire(req.adapter):  # unregistered a moment ago
+                continue
             self.waiting.remove(req)
-            self.cache.acquire(req.adapter)
             self.running.append(req)
             self.kv_reserved += req.kv_reserved
             admitted.append(req)
@@ -116,7 +117,7 @@ class Scheduler:
                 continue
             if status == "full" and name == head:
                 self._drain_for(name, protected)
-            elif status in ("loading", "resident") and name == head:
+            elif status in ("loading", "resident", "stale") and name == head:
                 self.draining.clear()
                 self._exchange_for = None
             if status == "busy":  # the loader is saturated; later names would be refused too
