@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -47,13 +48,16 @@ def test_queue_longer_than_the_batch_limit_drains_within_limits(llama_model, reg
     engine = Engine(llama_model, registry=registry, max_running=2, max_kv_tokens=40, max_loaded_adapters=1)
     handles = [engine.submit([3 + i] * (3 + i % 7), [None, "a", "b", "c"][i % 4], GREEDY) for i in range(20)]
     peak_running = peak_kv = 0
-    for _ in range(5000):
+    deadline = time.monotonic() + 300  # bounded in time, not steps: background loads may lag on a busy machine
+    while time.monotonic() < deadline:
         if all(h.finished for h in handles):
             break
-        engine.step()
+        if not engine.step():
+            time.sleep(0.002)
         peak_running = max(peak_running, len(engine.scheduler.running))
         peak_kv = max(peak_kv, engine.scheduler.kv_reserved)
         assert engine.stats()["resident_adapters"] <= 1
+    assert all(h.finished for h in handles), "requests did not finish within 300 s"
     assert [h.result().finish_reason for h in handles] == ["length"] * 20
     assert peak_running == 2 and peak_kv <= 40
     stats = engine.stats()
@@ -135,3 +139,14 @@ def test_unregistered_adapter_is_no_longer_served(llama_model, registry):
     with pytest.raises(UnknownAdapterError):
         engine.submit([3, 4], "a", GREEDY)
     assert "a" not in llama_model.adapters  # unused: evicted at once
+
+
+def test_shutdown_of_a_never_started_engine_finishes_or_aborts_its_requests(llama_model, registry):
+    engine = Engine(llama_model, registry=registry)
+    done = engine.submit([3, 4], "a", GREEDY)
+    engine.shutdown()
+    assert done.result(timeout=0).finish_reason == "length"
+    engine = Engine(llama_model, registry=registry)
+    aborted = engine.submit([3, 4], "b", GREEDY)
+    engine.shutdown(abort=True)
+    assert aborted.result(timeout=0).finish_reason == "abort"
