@@ -113,6 +113,10 @@ class Engine:
                 self._stop = True
                 self._wake.notify_all()
             self._thread.join(timeout)
+        else:  # never started: run what is queued here, so no handle is left waiting forever
+            while self._has_work():
+                if not self.step():
+                    time.sleep(0.005)
         self.cache.close()
 
     def _notify(self) -> None:
