@@ -12,7 +12,12 @@ all 7 linear projections of every layer (``init_lora_weights=False``: non-zero B
 5. resident memory added by loading 16 adapters (RSS delta, fresh subprocess) over their parameter bytes.
 
 Machines here are shared and noisy: the three models (plain base, loramux, PEFT) run interleaved in
-rounds with a rotating order, and only ratios within this run are reported. Forwards keep the logits
+rounds with a rotating order, and only ratios within this run are reported. Prefill and decode are
+measured twice: on 2 threads by wall time (the targets), and on 1 thread by that thread's CPU time
+(3' and 4': the work itself, which other users of the machine cannot stretch). OpenMP workers wait
+passively unless OMP_WAIT_POLICY is set: spinning workers on an oversubscribed machine made runs 2-5x
+slower; passive waits cost each parallel region a wake-up instead, which weighs on the many small
+LoRA matmuls, so the 2-thread ratios err against loramux. Forwards keep the logits
 of the last position only (``logits_to_keep=1``, what ``generate`` does), so the vocabulary projection
 does not dilute the LoRA overhead.
 
@@ -55,7 +60,7 @@ N_ADAPTERS, RANKS = 16, (8, 16, 32, 64)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 BATCH, PROMPT = 8, 128
 REPS = dict(load_rounds=1 if QUICK else 2, memory_cycles=1 if QUICK else 2, set_lm=3 if QUICK else 7, set_peft=3 if QUICK else 9,
-            prefill=1 if QUICK else 4, decode=3 if QUICK else 15)
+            prefill=1 if QUICK else 4, prefill_1t=1 if QUICK else 3, decode=3 if QUICK else 15)
 ROOT = Path(__file__).resolve().parent.parent
 MD_PATH = ROOT / "BENCHMARKS.md"
 START, END = "<!-- core:start -->", "<!-- core:end -->"
@@ -119,23 +124,40 @@ def timed(fn) -> float:
 
 # ---------------------------------------------------------------------------- 1, 2: load and switch
 def bench_load(lm, pm_base, adapters) -> tuple[dict, object]:
-    """Per-adapter load times for loramux (median over rounds) and PEFT (one round: ~1 s each)."""
+    """Per-adapter load times, in load order: loramux (median over rounds) and PEFT (one round: ~1 s
+    each); then once more each on 1 thread by CPU time (``*_1t``), after deleting them."""
     from peft import PeftModel
 
+    def timed_loads(load, todo, clock=time.perf_counter):
+        out = []
+        for name, path, _ in todo:
+            t0 = clock()
+            load(path, name)
+            out.append(clock() - t0)
+        return out
+
     warm_page_cache(adapters)
-    lm.load_adapter(adapters[0][1], adapter_name="warmup")  # first-call costs (imports, allocator)
+    lm_load = lambda path, name: lm.load_adapter(path, adapter_name=name)  # noqa: E731
+    lm_load(adapters[0][1], "warmup")  # first-call costs (imports, allocator)
     lm.delete_adapter("warmup")
     rounds = []
     for r in range(REPS["load_rounds"]):
         if r:
             for name, _, _ in adapters:
                 lm.delete_adapter(name)
-        rounds.append([timed(lambda: lm.load_adapter(path, adapter_name=name)) for name, path, _ in adapters])
-    lm_times = [statistics.median(ts) for ts in zip(*rounds)]
+        rounds.append(timed_loads(lm_load, adapters))
     pm = PeftModel.from_pretrained(pm_base, str(adapters[0][1]), adapter_name=adapters[0][0])  # also PEFT's warm-up
-    peft_times = [None] + [timed(lambda: pm.load_adapter(str(path), adapter_name=name)) for name, path, _ in adapters[1:]]
+    peft_load = lambda path, name: pm.load_adapter(str(path), adapter_name=name)  # noqa: E731
+    res = {"lm": [statistics.median(ts) for ts in zip(*rounds)], "peft": [None] + timed_loads(peft_load, adapters[1:])}
+    torch.set_num_threads(1)
+    for name, _, _ in adapters[1:]:
+        lm.delete_adapter(name)
+        pm.delete_adapter(name)
+    res["lm_1t"] = timed_loads(lm_load, adapters[1:], time.thread_time)
+    res["peft_1t"] = timed_loads(peft_load, adapters[1:], time.thread_time)
+    torch.set_num_threads(THREADS)
     pm.eval()
-    return {"lm": lm_times, "peft": peft_times}, pm
+    return res, pm
 
 
 def bench_set_adapter(lm, pm, names) -> dict:
@@ -152,40 +174,36 @@ def bench_set_adapter(lm, pm, names) -> dict:
 
 
 # ---------------------------------------------------------------------------- 3, 4: forwards
-def interleaved(calls: dict, reps: int, warmup: int = 1, before=None) -> dict:
-    """Run every call ``warmup`` times, then ``reps`` rounds in rotating order. Returns the median wall
-    seconds per call, and under ``"cpu"`` the median process CPU seconds (less sensitive to other users
-    of the machine: a busy neighbour stretches wall time, not the work this process does)."""
+def interleaved(calls: dict, reps: int, warmup: int = 1, before=None, clock=time.perf_counter) -> dict:
+    """Run every call ``warmup`` times, then ``reps`` rounds in rotating order; median ``clock`` seconds per call."""
     keys = list(calls)
     for _ in range(warmup):
         for k in keys:
             if before:
                 before(k)
             calls[k]()
-    wall, cpu = {k: [] for k in keys}, {k: [] for k in keys}
+    times = {k: [] for k in keys}
     for r in range(reps):
         for k in keys[r % len(keys):] + keys[:r % len(keys)]:
             if before:
                 before(k)
-            c0 = time.process_time()
-            wall[k].append(timed(calls[k]))
-            cpu[k].append(time.process_time() - c0)
-    out = {k: statistics.median(v) for k, v in wall.items()}
-    out["cpu"] = {k: statistics.median(v) for k, v in cpu.items()}
-    return out
+            t0 = clock()
+            calls[k]()
+            times[k].append(clock() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
-def bench_prefill(base, lm, pm, mixed) -> dict:
+def bench_prefill(base, lm, pm, mixed, reps: int, clock=time.perf_counter) -> dict:
     ids = torch.randint(3, 49152, (BATCH, PROMPT), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
     kw = dict(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=1)
     calls = {"base": lambda: base(**kw),
              "lm_mixed": lambda: lm(**kw, adapter_names=mixed),
              "peft_mixed": lambda: pm(**kw, adapter_names=mixed)}
-    return interleaved(calls, REPS["prefill"])
+    return interleaved(calls, reps, clock=clock)
 
 
-def bench_decode(base, lm, pm, mixed, one) -> dict:
+def bench_decode(base, lm, pm, mixed, one, reps: int, clock=time.perf_counter) -> dict:
     """One decode step after a 128-token prefill; the cache is cropped back to 128 before each step."""
     ids = torch.randint(3, 49152, (BATCH, PROMPT), generator=torch.Generator().manual_seed(2))
     nxt = torch.randint(3, 49152, (BATCH, 1), generator=torch.Generator().manual_seed(3))
@@ -206,7 +224,7 @@ def bench_decode(base, lm, pm, mixed, one) -> dict:
         if extra:
             caches[k].crop(-extra)
 
-    return interleaved(calls, REPS["decode"], warmup=3, before=reset)
+    return interleaved(calls, reps, warmup=3, before=reset, clock=clock)
 
 
 # ---------------------------------------------------------------------------- 5: memory (fresh process)
@@ -261,14 +279,18 @@ def rows(res: dict) -> list[tuple[str, str, str, str, str, bool]]:
     """(measure, loramux, PEFT, ratio, target, met) for the table and BENCHMARKS.md."""
     lm_load, peft_load = res["load"]["lm"], res["load"]["peft"]
     lm_med, peft_med = statistics.median(lm_load[1:]), statistics.median(peft_load[1:])
+    lm1, peft1 = statistics.median(res["load"]["lm_1t"]), statistics.median(res["load"]["peft_1t"])
     k = len(RANKS)
     lm_first, lm_last = sum(lm_load[:k]), sum(lm_load[-k:])
     peft_first, peft_last = sum(peft_load[1:k + 1]), sum(peft_load[-k:])
     s, p, d, m = res["set"], res["prefill"], res["decode"], res["memory"]
+    p1, d1 = res["prefill_1t"], res["decode_1t"]
     mem_ratio = (m["rss_after"] - m["rss_before"]) / m["param_bytes"]
     out = [
         ("1. load_adapter, median of 15 (warm cache)", f"{lm_med * 1e3:.1f} ms", f"{peft_med * 1e3:.0f} ms",
          f"PEFT/loramux {peft_med / lm_med:.0f}x", ">= 30x", peft_med / lm_med >= 30),
+        ("1'. the same, 1 thread, CPU time", f"{lm1 * 1e3:.1f} ms", f"{peft1 * 1e3:.0f} ms",
+         f"PEFT/loramux {peft1 / lm1:.0f}x", ">= 30x", peft1 / lm1 >= 30),
         ("   load growth: last 4 loads / first 4 (ranks 8..64)", f"{lm_last * 1e3:.0f}/{lm_first * 1e3:.0f} ms = {lm_last / lm_first:.2f}",
          f"{peft_last * 1e3:.0f}/{peft_first * 1e3:.0f} ms = {peft_last / peft_first:.2f}", "loramux last/first",
          "flat (<= 1.3)", lm_last / lm_first <= 1.3),
@@ -276,8 +298,12 @@ def rows(res: dict) -> list[tuple[str, str, str, str, str, bool]]:
          f"PEFT/loramux {s['peft'] / s['lm']:.0f}x", ">= 1000x", s["peft"] / s["lm"] >= 1000),
         ("3. prefill B8xT128, 8 adapters / base", f"{p['lm_mixed'] / p['base']:.3f}", f"{p['peft_mixed'] / p['base']:.3f}",
          f"base {p['base'] * 1e3:.0f} ms", "loramux <= 1.10", p["lm_mixed"] / p["base"] <= 1.10),
+        ("3'. the same, 1 thread, CPU time", f"{p1['lm_mixed'] / p1['base']:.3f}", f"{p1['peft_mixed'] / p1['base']:.3f}",
+         f"base {p1['base'] * 1e3:.0f} ms", "loramux <= 1.10", p1["lm_mixed"] / p1["base"] <= 1.10),
         ("4. decode step B8 (128 cached), 8 adapters / base", f"{d['lm_mixed'] / d['base']:.3f}", f"{d['peft_mixed'] / d['base']:.3f}",
          f"base {d['base'] * 1e3:.1f} ms", "loramux <= 1.15", d["lm_mixed"] / d["base"] <= 1.15),
+        ("4'. the same, 1 thread, CPU time", f"{d1['lm_mixed'] / d1['base']:.3f}", f"{d1['peft_mixed'] / d1['base']:.3f}",
+         f"base {d1['base'] * 1e3:.1f} ms", "loramux <= 1.15", d1["lm_mixed"] / d1["base"] <= 1.15),
         ("5. RSS added by 16 adapters / their param bytes", f"{mem_ratio:.3f}", "",
          f"{(m['rss_after'] - m['rss_before']) / 2**20:.0f} MiB / {m['param_bytes'] / 2**20:.0f} MiB", "<= 1.05", mem_ratio <= 1.05),
     ]
@@ -285,19 +311,15 @@ def rows(res: dict) -> list[tuple[str, str, str, str, str, bool]]:
 
 
 def extra_lines(res: dict) -> list[str]:
-    p, d, m = res["prefill"], res["decode"], res["memory"]
-    lines = [f"CPU-time ratios (process CPU seconds of the same runs; with passive OpenMP waits they count work, "
-             f"not time lost to the machine's other users): prefill loramux {p['cpu']['lm_mixed'] / p['cpu']['base']:.3f}, "
-             f"PEFT {p['cpu']['peft_mixed'] / p['cpu']['base']:.3f}; decode loramux {d['cpu']['lm_mixed'] / d['cpu']['base']:.3f}, "
-             f"PEFT {d['cpu']['peft_mixed'] / d['cpu']['base']:.3f}"]
+    d, m, d1 = res["decode"], res["memory"], res["decode_1t"]
+    lines = []
     if "bytes" in res:
         b = res["bytes"]
         lines.append(f"weights a decode step reads: base {b['base'] / 2**20:.0f} MiB, the batch's 8 adapters "
                      f"{b['mixed'] / 2**20:.0f} MiB more ({b['mixed'] / b['base']:.0%}); prefill reuses them over 128 tokens")
-    if "lm_one" in p:
-        lines.append(f"prefill, all 8 rows on one adapter (r8) / base: loramux {p['lm_one'] / p['base']:.3f}")
-    lines.append(f"decode, all 8 rows on one adapter (r8) / base: loramux {d['lm_one'] / d['base']:.3f}; "
-                 f"all rows `__base__` / base: {d['lm_base_rows'] / d['base']:.3f}")
+    lines.append(f"decode, all 8 rows on one adapter (r8) / base: loramux {d['lm_one'] / d['base']:.3f} "
+                 f"(1 thread, CPU time: {d1['lm_one'] / d1['base']:.3f}); all rows `__base__` / base: "
+                 f"{d['lm_base_rows'] / d['base']:.3f} ({d1['lm_base_rows'] / d1['base']:.3f})")
     lines.append(f"RSS after {len(m['cycles'])} more delete-all/load-all cycles: "
                  + ", ".join(f"{(c - m['rss_before']) / 2**20:.0f}" for c in m["cycles"])
                  + f" MiB over the unloaded model (first load: {(m['rss_after'] - m['rss_before']) / 2**20:.0f} MiB)")
@@ -390,9 +412,15 @@ def main() -> int:
     mixed, one = names[:BATCH], names[0]  # 8 distinct adapters: ranks 8, 16, 32, 64, 8, 16, 32, 64
     res["bytes"] = {"mixed": sum(lm.adapters[n].nbytes for n in mixed), "base": lm.memory_report()["base_bytes"]}
     with torch.inference_mode():
-        res["prefill"] = bench_prefill(base, lm, pm, mixed)
+        res["prefill"] = bench_prefill(base, lm, pm, mixed, REPS["prefill"])
         print(f"prefill done at {time.perf_counter() - t_start:.0f} s")
-        res["decode"] = bench_decode(base, lm, pm, mixed, one)
+        res["decode"] = bench_decode(base, lm, pm, mixed, one, REPS["decode"])
+        # The same on one thread, timed by that thread's CPU time: the work itself, which other users of
+        # a shared machine cannot stretch (they can stretch wall time, and 2-thread sync, a lot).
+        torch.set_num_threads(1)
+        res["prefill_1t"] = bench_prefill(base, lm, pm, mixed, REPS["prefill_1t"], clock=time.thread_time)
+        res["decode_1t"] = bench_decode(base, lm, pm, mixed, one, REPS["decode"], clock=time.thread_time)
+        torch.set_num_threads(THREADS)
     res["load_after"], res["runtime"] = os.getloadavg()[0], time.perf_counter() - t_start
     print(f"total {res['runtime']:.0f} s; load average {res['load_before']:.1f} before, {res['load_after']:.1f} after")
     print_table(res)
