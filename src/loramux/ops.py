@@ -25,8 +25,9 @@ Semantics (what every implementation must compute), for a wrapped layer with bas
   that is 8x the LoRA FLOPs (+55% of the base step's FLOPs) and +282 MiB resident, and it measured
   slower than the grouped path (CPU time 1.55-1.58x the base step against 1.39-1.51x).
 
-Both paths add into ``y`` with ``addmm_`` where the weights are plain LoRA (no bias, no DoRA): one op
-per group for ``y += h @ B.T`` instead of a matmul and an add (a third fewer ops in prefill).
+The grouped path adds into flat views of ``y`` with ``addmm_`` where the weights are plain LoRA (no
+bias, no DoRA): ``y[t0:t1] += (x[t0:t1] @ A.T) @ B.T`` in four dispatcher calls per group, with the
+transposed views made once per adapter (``SlotWeights.A_t`` / ``B_t``).
 """
 from __future__ import annotations
 
@@ -81,17 +82,23 @@ def apply_lora(y: torch.Tensor, x: torch.Tensor, table: SlotTable, mapping: Batc
 def _apply_grouped(y: torch.Tensor, x: torch.Tensor, table: SlotTable, mapping: BatchMapping,
                    embedding: bool, base_bias: torch.Tensor | None) -> torch.Tensor:
     # Groups touch disjoint rows, so a DoRA group may read ``y`` for its rows after other groups wrote.
-    fuse = not y.requires_grad and not embedding and y.is_contiguous()
-    d_out = y.shape[-1]
+    flat = not y.requires_grad and not embedding and y.is_contiguous()
+    if flat:
+        # one flat view each, made once per layer: a group's rows b0:b1 are the tokens b0*T:b1*T, so a
+        # plain group costs four dispatcher calls (two slices, mm, addmm_). Per-group reshapes,
+        # transposes and adds cost more than the rank-8..64 matmuls of a decode step.
+        x2, y2 = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])   # (B*T, d_in), (B*T, d_out)
+        per_row = x2.shape[0] // max(x.shape[0], 1)                       # T
     for group in mapping.groups(x.device):
         w = table.get(group.slot)
         if w is None:
             continue
-        if fuse and w.bias is None and w.dora_scale is None and not isinstance(group.rows, torch.Tensor):
-            # rows of a contiguous y are a contiguous view: (b_group*T, d_out) += (b_group*T, r) @ (r, d_out)
-            xs, ys = (x, y) if group.covers_all else (x[group.rows], y[group.rows])
-            h = xs @ w.A.T                                   # (b_group, ..., d_in) -> (b_group, ..., r)
-            ys.view(-1, d_out).addmm_(h.view(-1, h.shape[-1]), w.B.T)
+        if flat and w.bias is None and w.dora_scale is None and not isinstance(group.rows, torch.Tensor):
+            if group.covers_all:
+                y2.addmm_(torch.mm(x2, w.A_t), w.B_t)              # (B*T, d_out) += (B*T, r) @ (r, d_out)
+            else:
+                t0, t1 = group.rows.start * per_row, group.rows.stop * per_row
+                y2[t0:t1].addmm_(torch.mm(x2[t0:t1], w.A_t), w.B_t)
         elif group.covers_all:
             d = _delta(x, y, w, embedding, base_bias)
             y = y + d if y.requires_grad else y.add_(d)

@@ -7,6 +7,7 @@ a dictionary walk by name. Each entry is prepared at load time so the hot path d
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -25,6 +26,16 @@ class SlotWeights:
     B: torch.Tensor
     bias: torch.Tensor | None = None
     dora_scale: torch.Tensor | None = None
+
+    @cached_property
+    def A_t(self) -> torch.Tensor:
+        """``A.T`` (d_in, r), a view made once: the hot path needs it in every layer of every call."""
+        return self.A.T
+
+    @cached_property
+    def B_t(self) -> torch.Tensor:
+        """``B.T`` (r, d_out), a view made once."""
+        return self.B.T
 
     @property
     def nbytes(self) -> int:
