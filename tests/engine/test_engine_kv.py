@@ -52,6 +52,12 @@ def test_random_joins_steps_and_removals_keep_rows_intact():
                 _feed(part, torch.tensor([tokens[seq][cut:]]))
             batch.add(part)
             seqs.append(seq)
+        elif 0.45 <= op < 0.55 and len(seqs) > 1:  # rows rotate (a cycle over a few of them)
+            picked = rng.sample(range(len(seqs)), rng.randrange(2, len(seqs) + 1))
+            batch.permute(picked[1:] + picked[:1], picked)
+            moved = [seqs[i] for i in picked]
+            for i, seq in zip(picked[1:] + picked[:1], moved):
+                seqs[i] = seq
         elif op < 0.45:  # some sequences leave
             gone = rng.sample(range(len(seqs)), rng.randrange(1, len(seqs) + 1))
             order = batch.remove(gone)

@@ -10,12 +10,9 @@ One step (``Engine.step``):
 4. one decode forward for every running row, whatever its adapter (``adapter_names`` per row);
    sample; stream deltas; finished rows leave the KV cache at once.
 
-Rows stay in arrival-slot order rather than sorted by adapter: joining or leaving then copies one
-row of KV instead of the whole cache, and the core's decode path (few tokens per row, several
-adapters) masks rank columns per row, so it does not care about row order.
-
-Requests run alone through prefill (no padding: on a CPU a chunk of a few hundred tokens already
-fills the matrix units) and together in decode, where batching is what pays.
+Decode rows stay grouped by adapter (contiguous blocks): the core's grouped LoRA path then works
+on slices, not gathers. Keeping them so costs one KV row copy per block when a sequence joins or
+leaves, never a copy of the whole cache (``kv.py``).
 """
 from __future__ import annotations
 
@@ -79,7 +76,8 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._closed = False
         self._stop = False
-        self.counters = {"generated_tokens": 0, "prompt_tokens": 0, "steps": 0, "finished": 0}
+        self.counters = {"generated_tokens": 0, "prompt_tokens": 0, "steps": 0, "finished": 0,
+                         "prefill_seconds": 0.0, "decode_seconds": 0.0}
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> "Engine":
@@ -252,9 +250,13 @@ class Engine:
         if not self._prefilling and not self._rows:
             return False
         self.counters["steps"] += 1
+        t0 = time.perf_counter()
         joined = self._prefill()
         self._join(joined)
+        t1 = time.perf_counter()
         self._decode()
+        self.counters["prefill_seconds"] += t1 - t0
+        self.counters["decode_seconds"] += time.perf_counter() - t1
         return True
 
     def _apply_cancels(self, cancels: set[str]) -> None:
@@ -308,13 +310,42 @@ class Engine:
         return done
 
     def _join(self, joined: list[Request]) -> None:
-        """Append freshly prefilled requests to the decode batch (their KV rows are copied in once)."""
+        """Add freshly prefilled requests to the decode batch, each next to the rows of its adapter."""
         for req in joined:
             if self._kv is None:
                 self._kv = kvops.RowsKV()
             self._kv.add(req.kv_part)
             self._rows.append(req)
             req.kv_part = None
+            self._place_last()
+
+    # Rows are kept grouped by adapter (contiguous blocks), so the core's grouped LoRA path works on
+    # slices instead of gathers: measured 1.39x instead of 1.63x the base decode step with 13 adapters
+    # in 32 rows. Keeping blocks contiguous costs one row copy per block after the one that changes.
+    def _blocks(self) -> list[tuple[int, int]]:
+        """(start, end) of each run of rows with the same adapter, in row order."""
+        blocks, start = [], 0
+        for i in range(1, len(self._rows) + 1):
+            if i == len(self._rows) or self._rows[i].adapter != self._rows[start].adapter:
+                blocks.append((start, i))
+                start = i
+        return blocks
+
+    def _place_last(self) -> None:
+        """Rotate the newest (last) row to the end of its adapter's block, if it has one."""
+        rows, last = self._rows, len(self._rows) - 1
+        req, blocks = rows[last], self._blocks()
+        home = [end for start, end in blocks[:-1] if rows[start].adapter == req.adapter]
+        if not home:
+            return
+        # each later block's first row moves to just after that block's end; the newcomer to `home`
+        starts = [start for start, _ in blocks[:-1] if start >= home[0]]
+        dst = [*starts[1:], last, home[0]]
+        src = [*starts, last]
+        self._kv.permute(dst, src)
+        moved = [rows[i] for i in src]
+        for i, r in zip(dst, moved):
+            rows[i] = r
 
     def _decode(self) -> None:
         if not self._rows:
@@ -356,11 +387,27 @@ class Engine:
         return keep if many else keep[0]
 
     def _drop_rows(self, gone: list[Request]) -> None:
+        """Remove finished rows, keeping the others grouped: the hole moves to the end block by block."""
         if not gone or self._kv is None:
             return
-        order = self._kv.remove([i for i, r in enumerate(self._rows) if r in gone])
-        self._rows = [self._rows[j] for j in order]
-        if not self._rows:
+        rows = self._rows
+        for req in gone:
+            p = rows.index(req)
+            blocks = self._blocks()
+            mine = next(i for i, (start, end) in enumerate(blocks) if start <= p < end)
+            dst, src, hole = [], [], p
+            for _, end in blocks[mine:]:  # the last row of its block, then of each later block, fills the hole
+                if end - 1 != hole:
+                    dst.append(hole)
+                    src.append(end - 1)
+                hole = end - 1
+            self._kv.permute(dst, src)
+            moved = [rows[i] for i in src]
+            for i, r in zip(dst, moved):
+                rows[i] = r
+            self._kv.remove([hole])  # the last row now: nothing else moves
+            rows.pop()
+        if not rows:
             self._kv = None
 
     def _output(self, req: Request, token_ids: list[int], text: str, reason: str | None = None,

@@ -13,7 +13,8 @@ in both directions, so that nothing copies the whole cache in the common cases:
 - a sequence joins (``add``) by writing its rows into free row slots, right-aligned; if it is
   longer than the batch, the window's start moves left into the spare margin (zeroed);
 - a sequence leaves (``remove``) by moving the last row into its slot (one row copied), and the
-  window's start moves right past columns that are padding for every remaining row.
+  window's start moves right past columns that are padding for every remaining row;
+- ``permute`` moves a few rows at once, for callers that keep rows grouped by adapter.
 
 Buffers are reallocated (one copy) only when a margin runs out, and shrunk when mostly empty, so
 finished sequences give their memory back.
@@ -147,6 +148,25 @@ class RowsKV(Cache):
         left = lambda m, n: torch.nn.functional.pad(m, (n, 0)) if n else m  # noqa: E731 - zeros on the left
         self.mask = torch.cat([left(self.mask, grow), left(other.mask, width - other.width)], dim=0)
         self.lengths += other.lengths
+
+    def permute(self, dst: Sequence[int], src: Sequence[int]) -> None:
+        """Rows ``dst[i]`` take the old content of rows ``src[i]``, all at once (a cycle is fine).
+
+        One gather and one scatter per buffer, whatever the number of rows moved: what callers that
+        keep rows grouped by adapter use to rotate a row into place.
+        """
+        if not dst:
+            return
+        d = torch.tensor(list(dst), device=self.mask.device)
+        s = torch.tensor(list(src), device=self.mask.device)
+        for layer in self.layers:
+            window = slice(layer.start, layer.end)
+            layer.buf_k[d, :, window] = layer.buf_k[s, :, window]  # the right side is a copy: no overlap issue
+            layer.buf_v[d, :, window] = layer.buf_v[s, :, window]
+        self.mask[d] = self.mask[s]
+        old = list(self.lengths)
+        for i, j in zip(dst, src):
+            self.lengths[i] = old[j]
 
     def remove(self, gone: Sequence[int]) -> list[int]:
         """Drop rows ``gone``; returns, for each remaining row position, the old row index now there.
