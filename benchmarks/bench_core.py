@@ -50,61 +50,30 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
+from bench_common import MD_PATH, RANKS, build_base, make_peft_adapters, rss_bytes, write_section  # noqa: E402
 
 warnings.filterwarnings("ignore")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 QUICK = os.environ.get("BENCH_QUICK", "") not in ("", "0")
 THREADS = int(os.environ.get("BENCH_THREADS", "2"))
-N_ADAPTERS, RANKS = 16, (8, 16, 32, 64)
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+N_ADAPTERS = 16
 BATCH, PROMPT = 8, 128
 REPS = dict(load_rounds=1 if QUICK else 2, memory_cycles=1 if QUICK else 2, set_lm=3 if QUICK else 7, set_peft=3 if QUICK else 9,
             prefill=1 if QUICK else 4, prefill_1t=1 if QUICK else 3, decode=3 if QUICK else 15)
-ROOT = Path(__file__).resolve().parent.parent
-MD_PATH = ROOT / "BENCHMARKS.md"
 START, END = "<!-- core:start -->", "<!-- core:end -->"
 
 
 # ---------------------------------------------------------------------------- setup
-def build_base(seed: int = 0):
-    """SmolLM2-135M's shape from a config: 30 layers, hidden 576, 9/3 heads, tied embeddings."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                      num_attention_heads=9, num_key_value_heads=3, head_dim=64, max_position_embeddings=2048,
-                      rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True, hidden_act="silu",
-                      bos_token_id=1, eos_token_id=2, pad_token_id=2)
-    return LlamaForCausalLM(cfg).to(torch.float32).eval()
-
-
 def make_adapters(base, root: Path) -> list[tuple[str, Path, int]]:
     """16 PEFT adapters (ranks cycling 8/16/32/64, alpha 2r), saved by ``save_pretrained`` to ``root/a<i>``."""
-    from peft import LoraConfig, get_peft_model
-
-    def config(i: int) -> LoraConfig:
-        rank = RANKS[i % len(RANKS)]
-        torch.manual_seed(100 + i)  # PEFT draws the adapter's A and B when it is added
-        return LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS, lora_dropout=0.0, init_lora_weights=False)
-
-    peft_model = get_peft_model(copy.deepcopy(base), config(0), adapter_name="a0")
-    for i in range(1, N_ADAPTERS):
-        peft_model.add_adapter(f"a{i}", config(i))
-    peft_model.save_pretrained(str(root))  # a non-"default" adapter goes to root/<adapter_name>
-    del peft_model
-    return [(f"a{i}", root / f"a{i}", RANKS[i % len(RANKS)]) for i in range(N_ADAPTERS)]
+    return make_peft_adapters(base, root, N_ADAPTERS)
 
 
 def warm_page_cache(adapters) -> None:
     for _, path, _ in adapters:
         for f in path.iterdir():
             f.read_bytes()
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def settle() -> None:
@@ -365,17 +334,6 @@ def markdown(res: dict, command: str) -> str:
     return "\n".join(out) + "\n"
 
 
-def write_markdown(section: str) -> None:
-    """Replace only the text between the core markers; other sections belong to other benchmarks."""
-    text = MD_PATH.read_text() if MD_PATH.exists() else "# Benchmarks\n\n"
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        text = head + section.rstrip("\n") + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    MD_PATH.write_text(text)
-
-
 # ---------------------------------------------------------------------------- main
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -426,7 +384,7 @@ def main() -> int:
     print_table(res)
     if not args.no_write:
         command = ("BENCH_QUICK=1 " if QUICK else "") + "make bench  (.venv/bin/python benchmarks/bench_core.py)"
-        write_markdown(markdown(res, command))
+        write_section(START, END, markdown(res, command))
         print(f"wrote the core section of {MD_PATH}")
     return 0
 

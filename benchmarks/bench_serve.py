@@ -37,42 +37,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from bench_common import MD_PATH, ROOT, build_base, make_peft_adapters, rss_bytes, write_section
 
-ROOT = Path(__file__).resolve().parent.parent
-MD_PATH, PLOT_PATH = ROOT / "BENCHMARKS.md", ROOT / "benchmarks" / "serve_throughput.png"
+PLOT_PATH = ROOT / "benchmarks" / "serve_throughput.png"
 START, END = "<!-- serve:start -->", "<!-- serve:end -->"
 THREADS = 2
-RANKS = (8, 16, 32, 64)
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 # ---------------------------------------------------------------------------- setup
-def build_base(seed: int = 0):
-    """SmolLM2-135M's shape from a config: 30 layers, hidden 576, 9/3 heads, tied embeddings."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                      num_attention_heads=9, num_key_value_heads=3, head_dim=64, max_position_embeddings=2048,
-                      rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True, hidden_act="silu",
-                      bos_token_id=1, eos_token_id=2, pad_token_id=2)
-    return LlamaForCausalLM(cfg).to(torch.float32).eval()
-
-
 def make_adapters(base, root: Path) -> list[str]:
     """16 PEFT adapters (ranks cycling 8/16/32/64, alpha 2r, random non-zero A and B) saved to ``root/a<i>``."""
-    from peft import LoraConfig, get_peft_model
-
-    def config(i: int) -> LoraConfig:
-        rank = RANKS[i % len(RANKS)]
-        torch.manual_seed(100 + i)
-        return LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS, init_lora_weights=False)
-
-    peft_model = get_peft_model(copy.deepcopy(base), config(0), adapter_name="a0")
-    for i in range(1, 16):
-        peft_model.add_adapter(f"a{i}", config(i))
-    peft_model.save_pretrained(str(root))
-    return [f"a{i}" for i in range(16)]
+    return [name for name, _, _ in make_peft_adapters(base, root, 16)]
 
 
 def link_catalogue(src: Path, names: list[str], root: Path, count: int) -> list[str]:
@@ -109,8 +84,7 @@ def make_workload(names: list[str] | None, n: int, rate: float, seed: int) -> li
 
 
 def rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    return rss_bytes() / 2**20
 
 
 def pct(values: list[float], q: float) -> float:
@@ -306,17 +280,6 @@ def plot(res: dict) -> None:
     fig.savefig(PLOT_PATH, dpi=110)
 
 
-def write_markdown(section: str) -> None:
-    """Replace only the text between the serve markers; other sections belong to other benchmarks."""
-    text = MD_PATH.read_text() if MD_PATH.exists() else "# Benchmarks\n\n"
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        text = head + section.rstrip("\n") + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    MD_PATH.write_text(text)
-
-
 # ---------------------------------------------------------------------------- main
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -420,7 +383,7 @@ def main() -> int:
     print("\n".join(target_lines(res)))
     if not args.no_write:
         command = "make bench-serve  (.venv/bin/python benchmarks/bench_serve.py" + (" --quick)" if args.quick else ")")
-        write_markdown(markdown(res, command))
+        write_section(START, END, markdown(res, command))
         if "a" in res["runs"] and scale:
             plot(res)
         print(f"wrote the serving section of {MD_PATH} and {PLOT_PATH}")
