@@ -51,12 +51,12 @@ class Recipe:
 
 
 RECIPES: dict[str, Recipe] = {  # in training order
-    "json": Recipe(rank=8, alpha=16, targets=("q_proj", "v_proj", "o_proj", "up_proj", "down_proj"), steps=40),
+    "json": Recipe(rank=8, alpha=16, targets=tuple(ATTN + MLP), steps=120),
     # the upper two thirds of the layers only: backward stops at layer 10, and it exercises sparse adapters
     "date": Recipe(rank=8, alpha=16, targets=("q_proj", "v_proj", "up_proj", "down_proj"), steps=40,
                    layers=tuple(range(10, 30)), lr=3e-3),
     "sql": Recipe(rank=16, alpha=32, targets=tuple(ATTN), steps=40, lr=3e-3),
-    "reverse": Recipe(rank=8, alpha=16, targets=tuple(ATTN + MLP), steps=60, lr=3e-3),
+    "reverse": Recipe(rank=8, alpha=16, targets=tuple(ATTN) + ("up_proj", "down_proj"), steps=160, lr=3e-3),
 }
 
 
