@@ -135,7 +135,8 @@ def run_engine(model, registry, jobs: list[Job], max_tokens: int, budget_bytes: 
     shift = time.perf_counter() - time.monotonic()
     res = summarize([j.arrival for j in jobs], [[t + shift for t in h.token_times] for h in handles], t0)
     assert res["tokens"] == len(jobs) * max_tokens, res
-    res.update(stats={k: stats[k] for k in ("loads", "evictions", "hits", "misses", "load_seconds")},
+    res.update(stats={k: stats[k] for k in ("loads", "evictions", "hits", "misses", "load_seconds", "steps",
+                                            "prefill_seconds", "decode_seconds")},
                rss0=rss0, peak_rss=peak_rss, peak_adapter_mb=peak_bytes / 2**20)
     return res
 
@@ -202,8 +203,10 @@ LABELS = {"a": "(a) engine, mixed adapters", "b": "(b) engine, base model only",
 
 def table_rows(res: dict) -> list[str]:
     rows = ["| system | tokens/s | TTFT p50 / p99 (s) | ITL p50 / p99 (ms) | wall (s) |", "|---|---|---|---|---|"]
+    extra = res.get("also_threads")
     for key, label in [*LABELS.items(), *[(f"n{n}", f"(a) over {n} registered adapters, <= {res['resident']} resident")
-                                          for n in res["scale"]]]:
+                                          for n in res["scale"]],
+                       *[(f"{k}{extra}t", f"{LABELS[k]}, {extra} thread(s)") for k in "ab" if extra]]:
         r = res["runs"].get(key)
         if key == "c" and r:
             label += f" (first {res['peft_seq']} requests)"
@@ -224,6 +227,14 @@ def target_lines(res: dict) -> list[str]:
             out.append(f"{label}: {ratio:.2f}x (target >= {target}x) {'met' if ratio >= target else '**not met**'}")
 
     check("(a) / (b), mixed adapters over base only", "a", "b", 0.85)
+    extra = res.get("also_threads")
+    if extra and f"a{extra}t" in runs:
+        check(f"(a) / (b) on {extra} thread(s) (not the protocol's setting; for comparison)", f"a{extra}t", f"b{extra}t", 0.85)
+    for key in ("a", "b"):
+        if key in runs and runs[key].get("stats", {}).get("steps"):
+            st = runs[key]["stats"]
+            out.append(f"{LABELS[key]}: {st['steps']} engine steps, {st['prefill_seconds']:.1f} s in prefill forwards, "
+                       f"{st['decode_seconds']:.1f} s in decode forwards")
     check("(a) / (c), over PEFT one at a time", "a", "c", 4.0)
     check("(a) / (d), over PEFT static batches", "a", "d", 2.0)
     big = max(res["scale"], default=None)
@@ -295,6 +306,8 @@ def main() -> int:
                         help="(c) runs the first N requests only: one at a time it takes ~40 s per request here")
     parser.add_argument("--threads", type=int, default=THREADS)
     parser.add_argument("--engine-repeats", type=int, default=2, help="(a)/(b) runs each, alternating")
+    parser.add_argument("--also-threads", type=int, default=1,
+                        help="then (a) and (b) once more on this many threads (0: skip), for the thread-count effect")
     parser.add_argument("--quick", action="store_true", help="16 requests, no (c), scale 2000 only")
     parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md and the plot alone")
     args = parser.parse_args()
@@ -377,6 +390,19 @@ def main() -> int:
                 r = res["runs"][f"n{n}"]
                 print(f"{n} registered: {r['tps']:.1f} tok/s in {time.perf_counter() - t:.0f} s, {r['stats']}, "
                       f"adapters peak {r['peak_adapter_mb']:.0f} MB, RSS {r['rss0']:.0f} -> {r['peak_rss']:.0f} MB")
+            if args.also_threads:  # the same (a)/(b) pair on another thread count: small LoRA matmuls scale badly
+                torch.set_num_threads(args.also_threads)
+                for name in list(lm.adapters):
+                    lm.delete_adapter(name)
+                for n in names:
+                    if n not in lm.adapters:
+                        lm.load_adapter(tmp / "src" / n, adapter_name=n)
+                for key in "ab":
+                    wl = jobs if key == "a" else [Job(j.arrival, j.prompt, None) for j in jobs]
+                    run = res["runs"][f"{key}{args.also_threads}t"] = run_engine(lm, registry, wl, args.max_tokens, None, args)
+                    print(f"{LABELS[key]}, {args.also_threads} thread(s): {run['tps']:.1f} tok/s", flush=True)
+                torch.set_num_threads(args.threads)
+    res["also_threads"] = args.also_threads
     res["load"].append(os.getloadavg()[0])
     res["runtime"] = time.perf_counter() - t_start
     print("\n".join(table_rows(res)))
