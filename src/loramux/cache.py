@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from loramux.errors import AdapterError
+from loramux.openmp import release_thread_pool
 from loramux.registry import AdapterRegistry, check_name  # noqa: F401 - re-exported: the registry feeds the cache
 
 logger = logging.getLogger(__name__)
@@ -297,6 +298,9 @@ class AdapterCache:
             logger.debug("loaded adapter %s in %.3f s", name, elapsed)
             if stale:  # unregistered or re-pointed while loading
                 self._evict(name)
+        # the loader thread's OpenMP pool would be a second one beside the engine thread's, and two
+        # pools make every small matmul of the engine pay a wake-up (see loramux/openmp.py)
+        release_thread_pool()
         if self.on_change is not None:
             self.on_change()
 

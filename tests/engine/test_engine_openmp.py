@@ -7,7 +7,7 @@ import torch
 
 import loramux.engine.engine as engine_module
 from loramux.engine import Engine, SamplingParams
-from loramux.engine.openmp import release_thread_pool
+from loramux.openmp import release_thread_pool
 
 
 def test_release_leaves_torch_working_and_exact_in_every_thread():

@@ -27,7 +27,7 @@ import torch
 from loramux.cache import AdapterCache, AdapterRegistry
 from loramux.engine import kv as kvops
 from loramux.engine.detokenize import IncrementalText
-from loramux.engine.openmp import release_thread_pool
+from loramux.openmp import release_thread_pool
 from loramux.engine.request import (EngineOverloaded, Request, RequestHandle, RequestOutput, RequestRejected,
                                     SamplingParams)
 from loramux.engine.sampling import make_generator, sample_next
@@ -85,7 +85,7 @@ class Engine:
         """Run the step loop on a background thread (idempotent).
 
         The calling thread's idle OpenMP workers are released first, so that the engine thread's
-        pool is the only one (see ``openmp.py``: two pools made every small matmul 2-3x slower).
+        pool is the only one (see ``loramux/openmp.py``: two pools made every small matmul 2-3x slower).
         """
         if self._thread is None:
             release_thread_pool()

@@ -10,8 +10,9 @@ of thousands of small LoRA matmuls, paid a wake-up on almost every one. Measured
 300 ms from the main thread, with any ``OMP_WAIT_POLICY``.
 
 ``release_thread_pool()`` frees the calling thread's pool (OpenMP 5.0 ``omp_pause_resource_all``,
-soft): the engine thread's pool is then the only one. The caller loses nothing but idle threads; its
-next parallel region creates a pool again. A runtime without the call (or none found) is left as
+soft): ``Engine.start`` calls it in the starting thread, and the adapter cache's loader thread after
+each load, so that the engine thread's pool is the only one. The caller loses nothing but idle
+threads; its next parallel region creates a pool again. A runtime without the call (or none found) is left as
 it is.
 """
 from __future__ import annotations
