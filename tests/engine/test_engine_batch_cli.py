@@ -32,6 +32,6 @@ def test_batch_mode_writes_results_in_input_order(llama_model, llama_adapters, t
 
 
 def _run(args, model):
-    from loramux.engine.batch import run_batch
+    from loramux.commands.generate_batch import run_batch
 
     return run_batch(args, lambda a: (model, CharTokenizer()), generate._resolve_adapter)

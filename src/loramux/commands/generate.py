@@ -11,7 +11,6 @@ adapters were trained on); decoding is greedy unless ``--temperature`` is given.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 
@@ -23,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    batch = parser.add_argument_group("batch mode (continuous batching through the engine; see loramux.engine.batch)")
+    batch = parser.add_argument_group("batch mode (continuous batching through the engine; see loramux.commands.generate_batch)")
     batch.add_argument("--batch", metavar="FILE", default=None,
                        help="JSONL requests, one per line: {\"prompt\": ..., \"adapter\": ..., \"max_tokens\": ...}; - for stdin")
     batch.add_argument("--output", metavar="FILE", default=None, help="JSONL results in input order (default: stdout)")
@@ -33,12 +32,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.batch is not None:
-        from loramux.engine.batch import run_batch
+        from loramux.commands.generate_batch import run_batch
 
         return run_batch(args, _load_model, _resolve_adapter)
     if args.prompt is None:
-        print("loramux generate: give a prompt, e.g. loramux generate --adapter json \"Extract the person as JSON: "
-              "Maria is 34 and lives in Lisbon.\"", file=sys.stderr)
+        from rich.console import Console
+
+        Console(stderr=True).print("loramux generate: give a prompt, e.g. loramux generate --adapter json "
+                                   "\"Extract the person as JSON: Maria is 34 and lives in Lisbon.\"", markup=False)
         return 2
     return _run_single(args)
 
@@ -87,5 +88,7 @@ def _run_single(args: argparse.Namespace) -> int:
     sampling = {} if args.temperature <= 0 else {"do_sample": True, "temperature": args.temperature}
     text = generate_batch(model, tokenizer, [args.prompt], max_new_tokens=args.max_new_tokens,
                           adapter_names=[name], **sampling)[0].text
-    print(text)
+    from rich.console import Console
+
+    Console(soft_wrap=True).print(text, markup=False, highlight=False)  # the answer as it is: no markup, no wrapping
     return 0

@@ -101,8 +101,8 @@ def run_batch(args: Any, load_model, resolve_adapter) -> int:
     if out is not sys.stdout:
         out.close()
     stats = engine.stats()
-    print(f"{len(requests)} requests, {stats['generated_tokens']} tokens generated, {len(errors)} refused, "
-          f"adapter loads {stats['loads']}, evictions {stats['evictions']}", file=sys.stderr)
+    _stderr_console().print(f"{len(requests)} requests, {stats['generated_tokens']} tokens generated, "
+                            f"{len(errors)} refused, adapter loads {stats['loads']}, evictions {stats['evictions']}")
     return 1 if errors and len(errors) == len(requests) else 0
 
 
