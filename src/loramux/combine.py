@@ -48,4 +48,4 @@ def combine_layer(entries: list[tuple[SlotWeights, float, float]], combination_t
     else:
         raise AdapterConfigError(f"add_weighted_adapter: combination_type {combination_type!r} is not one of {COMBINATION_TYPES}")
     A = A.T if embedding else A
-    return SlotWeights(A=A.to(dtype=dtype, device=device).contiguous(), B=B.to(dtype=dtype, device=device).contiguous())
+    return SlotWeights(A=A.to(dtype=dtype, device=device).contiguous(), B=B.to(dtype=dtype, device=device))

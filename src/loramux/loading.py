@@ -93,7 +93,8 @@ def plan_load(adapter: AdapterFile, base_modules: dict[str, nn.Module]) -> LoadP
         weight = base.weight
         to = dict(dtype=weight.dtype, device=weight.device)
         scaling = cfg.scaling_for(name)
-        B_scaled = mw.lora_B.float() * scaling
+        # scaled in one copy into the layout SlotWeights keeps: (d_out, r) as a view of a contiguous (r, d_out)
+        B_scaled = torch.mul(mw.lora_B.T, scaling, out=torch.empty(rank, d_out, dtype=torch.float32)).T
         bias = None
         if mw.lora_B_bias is not None:
             _check_shape(source, name, "lora_B.bias", mw.lora_B_bias.shape, (d_out,))
@@ -106,7 +107,7 @@ def plan_load(adapter: AdapterFile, base_modules: dict[str, nn.Module]) -> LoadP
             dora_scale = _dora_scale(base, mw.lora_A.to(weight.device), B_scaled.to(weight.device), mw.magnitude.to(weight.device)).to(**to)
         # embeddings look rows up in A: store it (num_embeddings, r)
         A = mw.lora_A.T.contiguous() if is_embedding else mw.lora_A
-        plan.lora[name] = SlotWeights(A=A.to(**to).contiguous(), B=B_scaled.to(**to).contiguous(), bias=bias, dora_scale=dora_scale)
+        plan.lora[name] = SlotWeights(A=A.to(**to).contiguous(), B=B_scaled.to(**to), bias=bias, dora_scale=dora_scale)
         plan.ranks[name], plan.scalings[name] = rank, scaling
     _plan_modules_to_save(adapter, base_modules, plan)
     if not plan.lora and not plan.modules_to_save:

@@ -36,6 +36,7 @@ class BatchMapping:
     _groups: dict = field(default_factory=dict, repr=False, compare=False)     # device -> groups
     _positions: dict = field(default_factory=dict, repr=False, compare=False)  # device -> (B,) positions
     _expanded: dict = field(default_factory=dict, repr=False, compare=False)   # factor -> mapping
+    _tokens: dict = field(default_factory=dict, repr=False, compare=False)     # (device, T) -> token ranges
 
     @property
     def n_rows(self) -> int:
@@ -64,6 +65,23 @@ class BatchMapping:
             index = {slot: i for i, slot in enumerate(self.present)}
             cached = torch.tensor([index.get(s, len(index)) for s in self.row_slots], dtype=torch.long, device=device)
             self._positions[device] = cached
+        return cached
+
+    def token_ranges(self, device: torch.device, tokens_per_row: int) -> tuple[torch.Tensor, tuple[tuple[int, int, int], ...]]:
+        """The flat token indices of the non-base groups, for tensors viewed as (B*T, d): ``tokens``
+        (n,) int64 on ``device``, group after group, and ``(slot, start, end)`` per group, its tokens
+        being ``tokens[start:end]``. Computed once per call, device and T."""
+        key = (device, tokens_per_row)
+        cached = self._tokens.get(key)
+        if cached is None:
+            flat: list[int] = []
+            ranges = []
+            for group in self.groups(torch.device("cpu")):
+                rows = range(group.rows.start, group.rows.stop) if isinstance(group.rows, slice) else group.rows.tolist()
+                start = len(flat)
+                flat.extend(b * tokens_per_row + t for b in rows for t in range(tokens_per_row))
+                ranges.append((group.slot, start, len(flat)))
+            cached = self._tokens[key] = (torch.tensor(flat, dtype=torch.long, device=device), tuple(ranges))
         return cached
 
     def _build_groups(self, device: torch.device) -> Iterator[Group]:

@@ -28,12 +28,18 @@ Semantics (what every implementation must compute), for a wrapped layer with bas
 The grouped path adds into flat views of ``y`` with ``addmm_`` where the weights are plain LoRA (no
 bias, no DoRA): ``y[t0:t1] += (x[t0:t1] @ A.T) @ B.T`` in four dispatcher calls per group, with the
 transposed views made once per adapter (``SlotWeights.A_t`` / ``B_t``).
+
+Decode steps (at most ``KERNEL_MAX_ROW_TOKENS`` tokens per row, float32 on the CPU) hand every plain
+group of the layer to the compiled kernel in one call (``loramux.cpu_kernel``, same semantics; a
+token's result does not depend on the rest of the batch). Prefill keeps MKL, which wins once a
+group has more than ~16 tokens of rank 64. DoRA, bias and embedding groups always take the torch path.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from loramux import cpu_kernel
 from loramux.mapping import BatchMapping
 from loramux.slots import SlotTable, SlotWeights
 
@@ -89,9 +95,15 @@ def _apply_grouped(y: torch.Tensor, x: torch.Tensor, table: SlotTable, mapping: 
         # transposes and adds cost more than the rank-8..64 matmuls of a decode step.
         x2, y2 = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])   # (B*T, d_in), (B*T, d_out)
         per_row = x2.shape[0] // max(x.shape[0], 1)                       # T
-    for group in mapping.groups(x.device):
+    groups = mapping.groups(x.device)
+    done: frozenset[int] = frozenset()
+    if flat and per_row <= KERNEL_MAX_ROW_TOKENS and x2.is_contiguous() and x.dtype == torch.float32 and x.device.type == "cpu":
+        done = _apply_kernel(y2, x2, table, mapping, per_row)
+        if len(done) == len(groups):
+            return y
+    for group in groups:
         w = table.get(group.slot)
-        if w is None:
+        if w is None or group.slot in done:
             continue
         if flat and w.bias is None and w.dora_scale is None and not isinstance(group.rows, torch.Tensor):
             if group.covers_all:
@@ -110,6 +122,45 @@ def _apply_grouped(y: torch.Tensor, x: torch.Tensor, table: SlotTable, mapping: 
             # gather (b_group, ..., d_in) -> scatter-add (b_group, ..., d_out)
             y.index_add_(0, group.rows, _delta(x[group.rows], y[group.rows], w, embedding, base_bias))
     return y
+
+
+# Rows with at most this many tokens (decode steps) take the compiled CPU kernel when it is available.
+KERNEL_MAX_ROW_TOKENS = 1
+
+
+def _apply_kernel(y2: torch.Tensor, x2: torch.Tensor, table: SlotTable, mapping: BatchMapping, per_row: int) -> frozenset[int]:
+    """Add the plain-LoRA groups' deltas into ``y2`` (B*T, d_out) with one kernel call; returns the
+    slots done (none when the kernel is unavailable), the caller does the others."""
+    kernel = cpu_kernel.load()
+    if kernel is None:
+        return frozenset()
+    tokens, ranges = mapping.token_ranges(x2.device, per_row)
+    done, starts, ends, A, B_t = _kernel_args(table, ranges)
+    if done:
+        kernel.grouped_lora_add(y2, x2, tokens, starts, ends, A, B_t)
+    return done
+
+
+def _kernel_args(table: SlotTable, ranges: tuple[tuple[int, int, int], ...]) -> tuple:
+    """(slots, starts, ends, A list, B_t list) of the kernel-ready groups in ``ranges``; cached on the
+    table while the batch's groups and the table are unchanged (consecutive decode steps), because
+    building them costs more Python time per layer than the kernel spends on a rank-8 group."""
+    key = (ranges, table.version)
+    cached = table.kernel_cache
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    slots, starts, ends, A, B_t = [], [], [], [], []
+    for slot, start, end in ranges:
+        w = table.get(slot)
+        if w is not None and w.kernel_ready:
+            slots.append(slot)
+            starts.append(start)
+            ends.append(end)
+            A.append(w.A)      # (r, d_in)
+            B_t.append(w.B_t)  # (r, d_out), pre-scaled
+    args = (frozenset(slots), starts, ends, A, B_t)
+    table.kernel_cache = (key, args)
+    return args
 
 
 def _concat_weights(table: SlotTable, present: tuple[int, ...], embedding: bool) -> tuple:

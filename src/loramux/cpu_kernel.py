@@ -1,0 +1,107 @@
+"""The grouped-LoRA CPU kernel (``csrc/grouped_lora.cpp``): built on first use, optional.
+
+Why a kernel: in a decode step each adapter of the batch has a token or two, so through torch every
+(adapter, layer) pair is two tiny matmuls, each a dispatch plus an MKL call made for large shapes;
+on the serving benchmark's decode step (~25 rows over ~12 adapters of rank 8-64 on all 7
+projections) that was ~5,000 calls and ~80 ms, as long as half the base model's own step. The
+kernel does one call per layer for all groups, split over torch's OpenMP threads (see the .cpp).
+
+It is compiled with ``torch.utils.cpp_extension`` the first time a process needs it (about 40 s on
+2 cores; ``make install`` does it ahead) into ``$LORAMUX_HOME/kernels``, and loaded from there
+afterwards. Without a C++ compiler, or with ``LORAMUX_CPU_KERNEL=0``, ``load()`` returns None and
+``ops.py`` keeps its torch path, which computes the same thing (tests compare both).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import shutil
+import threading
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "csrc" / "grouped_lora.cpp"
+ENV_SWITCH = "LORAMUX_CPU_KERNEL"
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}  # "module": the loaded extension or None once tried
+
+
+def enabled() -> bool:
+    """False when ``LORAMUX_CPU_KERNEL`` is 0/false/off: the torch path everywhere."""
+    return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+def _flags() -> tuple[str, list[str]]:
+    """(module name, compiler flags): AVX2+FMA where the CPU has them, else the compiler's baseline.
+    The name differs per flag set, so a build for one CPU is never loaded on a lesser one."""
+    flags = ["-O3", "-fopenmp"]
+    if platform.machine().lower() in ("x86_64", "amd64") and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        return "loramux_grouped_lora_avx2", flags + ["-mavx2", "-mfma"]
+    return "loramux_grouped_lora", flags
+
+
+def build_dir() -> Path:
+    from loramux.base import loramux_home
+
+    return loramux_home() / "kernels"
+
+
+def load(verbose: bool = False) -> ModuleType | None:
+    """The compiled kernel module, building it once if needed; None if disabled or it cannot build.
+
+    Thread-safe; a failed build is logged once and not retried in this process.
+    """
+    if not enabled():
+        return None
+    if "module" in _state:
+        return _state["module"]  # type: ignore[return-value]
+    with _lock:
+        if "module" not in _state:
+            _state["module"] = _build(verbose)
+    return _state["module"]  # type: ignore[return-value]
+
+
+def _build(verbose: bool) -> ModuleType | None:
+    from torch.utils import cpp_extension
+
+    name, flags = _flags()
+    directory = build_dir() / name
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        _put_ninja_on_path()
+        logger.info("loading the grouped-LoRA CPU kernel from %s (compiled on first use, ~40 s)", directory)
+        module = cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+                                    build_directory=str(directory), verbose=verbose)
+    except Exception as exc:  # noqa: BLE001 - no compiler, no ninja, a read-only cache: the torch path still works
+        logger.warning("the grouped-LoRA CPU kernel is not available (%s: %s); using torch ops instead. "
+                       "Install a C++ compiler to get it, or set %s=0 to skip trying.",
+                       type(exc).__name__, str(exc).strip().splitlines()[-1:] or "", ENV_SWITCH)
+        return None
+    return module
+
+
+def _put_ninja_on_path() -> None:
+    """torch's extension builder runs ``ninja`` from PATH; the ``ninja`` wheel puts it in the venv's bin,
+    which is not on PATH when the venv's python is run without activating it."""
+    if shutil.which("ninja"):
+        return
+    try:
+        import ninja
+    except ImportError:
+        return
+    os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, os.environ.get("PATH", "")])
+
+
+def _reset_for_tests() -> None:
+    _state.clear()
+
+
+if __name__ == "__main__":  # `python -m loramux.cpu_kernel`: build ahead of time (make install)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    raise SystemExit(0 if load() is not None else 1)
