@@ -227,6 +227,10 @@ def target_lines(res: dict) -> list[str]:
             out.append(f"{label}: {ratio:.2f}x (target >= {target}x) {'met' if ratio >= target else '**not met**'}")
 
     check("(a) / (b), mixed adapters over base only", "a", "b", 0.85)
+    if "a" in runs and "b" in runs and len(runs["a"]["all_tps"]) == len(runs["b"]["all_tps"]) > 1:
+        paired = [a / b for a, b in zip(runs["a"]["all_tps"], runs["b"]["all_tps"])]
+        out.append("(a) / (b) round by round (each (a) run over the (b) run right after it): "
+                   + ", ".join(f"{p:.2f}" for p in paired) + f"; median {statistics.median(paired):.2f}")
     extra = res.get("also_threads")
     if extra and f"a{extra}t" in runs:
         check(f"(a) / (b) on {extra} thread(s) (not the protocol's setting; for comparison)", f"a{extra}t", f"b{extra}t", 0.85)
@@ -259,7 +263,7 @@ def markdown(res: dict, command: str) -> str:
            f"Workload: {res['requests']} requests, Poisson arrivals at {res['rate']}/s, prompts 32-256 random tokens, "
            f"{res['max_tokens']} output tokens each (EOS ignored), greedy; adapters Zipf-like (s=1) over the catalogue. "
            "Llama with SmolLM2-135M's shape (random weights, fp32); 16 adapters, ranks 8/16/32/64 on all 7 "
-           "projections. (a) and (b) alternate; the row shows the median run by throughput (of two, the slower) "
+           "projections. (a) and (b) alternate; the row shows the median run by throughput (of an even count, the slower) "
            "and every run's figure; the others run once (the full set takes ~40 min here). All in one process; "
            "compare ratios, not absolute figures. TTFT includes queueing: the arrivals outpace every system.", ""]
     out += table_rows(res) + [""] + [f"- {line}" for line in target_lines(res)]
@@ -305,7 +309,7 @@ def main() -> int:
     parser.add_argument("--peft-seq-requests", type=int, default=16,
                         help="(c) runs the first N requests only: one at a time it takes ~40 s per request here")
     parser.add_argument("--threads", type=int, default=THREADS)
-    parser.add_argument("--engine-repeats", type=int, default=2, help="(a)/(b) runs each, alternating")
+    parser.add_argument("--engine-repeats", type=int, default=3, help="(a)/(b) runs each, alternating")
     parser.add_argument("--also-threads", type=int, default=1,
                         help="then (a) and (b) once more on this many threads (0: skip), for the thread-count effect")
     parser.add_argument("--quick", action="store_true", help="16 requests, no (c), scale 2000 only")
@@ -374,7 +378,7 @@ def main() -> int:
                     run = run_peft_static(pm, jobs, args.max_tokens)
                 repeats.setdefault(key, []).append(run)
                 print(f"{LABELS[key]}: {run['tps']:.1f} tok/s in {time.perf_counter() - t:.0f} s", flush=True)
-            for key, runs in repeats.items():  # the median run by throughput (of two: the slower, conservative)
+            for key, runs in repeats.items():  # the median run by throughput (of an even count: the slower, conservative)
                 res["runs"][key] = dict(sorted(runs, key=lambda r: r["tps"])[(len(runs) - 1) // 2],
                                         all_tps=[r["tps"] for r in runs])
             del pm
