@@ -34,3 +34,15 @@ def test_engine_start_releases_the_callers_pool_once_and_still_answers(llama_mod
         out = engine.submit([5, 6, 7], None, SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)).result()
     assert calls == [threading.get_ident()]  # in the caller's thread, not the engine's
     assert len(out.token_ids) == 3
+
+
+def test_engine_start_loads_the_cpu_kernel_before_serving(llama_model, monkeypatch):
+    """A machine that never built the kernel pays the build in start(), not in a request's decode step."""
+    loads = []
+    real = engine_module.cpu_kernel.load
+    monkeypatch.setattr(engine_module.cpu_kernel, "load", lambda: loads.append(threading.get_ident()) or real())
+    engine = Engine(llama_model, None, max_running=2)
+    with engine:
+        assert loads == [threading.get_ident()]
+        out = engine.submit([5, 6, 7], None, SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)).result()
+    assert len(out.token_ids) == 2

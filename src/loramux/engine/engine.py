@@ -24,6 +24,7 @@ from typing import Any, Sequence
 
 import torch
 
+from loramux import cpu_kernel
 from loramux.cache import AdapterCache, AdapterRegistry
 from loramux.engine import grouped_rows
 from loramux.engine import kv as kvops
@@ -87,8 +88,12 @@ class Engine:
 
         The calling thread's idle OpenMP workers are released first, so that the engine thread's
         pool is the only one (see ``loramux/openmp.py``: two pools made every small matmul 2-3x slower).
+        On the CPU the grouped-LoRA kernel is loaded here (compiled if this machine has never built
+        it, ~40 s once), not in the middle of the first request's first decode step.
         """
         if self._thread is None:
+            if getattr(self.model.device, "type", "cpu") == "cpu":
+                cpu_kernel.load()
             release_thread_pool()
             self._thread = threading.Thread(target=self._loop, name="loramux-engine", daemon=True)
             self._thread.start()
