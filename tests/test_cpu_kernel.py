@@ -140,7 +140,8 @@ def test_a_failed_build_is_logged_once_and_falls_back(monkeypatch, caplog):
 
     def broken(**kwargs):
         attempts.append(kwargs["name"])
-        raise RuntimeError("Error building extension 'x': c++: command not found")
+        raise RuntimeError("Error building extension 'x': [1/2] c++ -MMD ...\nFAILED: [code=127] grouped_lora.o\n"
+                           "/bin/sh: 1: c++: not found\nninja: build stopped: subcommand failed.")
 
     saved = dict(cpu_kernel._state)
     monkeypatch.setattr(cpp_extension, "load", broken)
@@ -150,7 +151,7 @@ def test_a_failed_build_is_logged_once_and_falls_back(monkeypatch, caplog):
             assert cpu_kernel.load() is None
             assert cpu_kernel.load() is None
         assert len(attempts) == 1
-        assert "command not found" in caplog.text and "LORAMUX_CPU_KERNEL=0" in caplog.text
+        assert "(RuntimeError: /bin/sh: 1: c++: not found)" in caplog.text and "LORAMUX_CPU_KERNEL=0" in caplog.text
         table = _table(16, 8, {0: 4})
         x, y0 = torch.randn(2, 1, 16), torch.randn(2, 1, 8)
         torch.testing.assert_close(apply_lora(y0.clone(), x, table, BatchMapping((0, 0))),

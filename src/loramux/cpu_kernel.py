@@ -80,10 +80,18 @@ def _build(verbose: bool) -> ModuleType | None:
                                     build_directory=str(directory), verbose=verbose)
     except Exception as exc:  # noqa: BLE001 - no compiler, no ninja, a read-only cache: the torch path still works
         logger.warning("the grouped-LoRA CPU kernel is not available (%s: %s); using torch ops instead. "
-                       "Install a C++ compiler to get it, or set %s=0 to skip trying.",
-                       type(exc).__name__, str(exc).strip().splitlines()[-1:] or "", ENV_SWITCH)
+                       "Install a C++ compiler (g++) to get it, or set %s=0 to skip trying.",
+                       type(exc).__name__, _reason(exc), ENV_SWITCH)
         return None
     return module
+
+
+def _reason(exc: BaseException) -> str:
+    """The telling line of a build failure: the compiler's first error, else the message's last line."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    errors = [line for line in lines if ("error:" in line.lower() or "not found" in line.lower())
+              and not line.startswith("Error building extension")]
+    return (errors[0] if errors else lines[-1] if lines else "")[:300]
 
 
 def _put_ninja_on_path() -> None:
