@@ -27,17 +27,16 @@ import argparse
 import copy
 import datetime
 import os
-import random
 import statistics
 import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from bench_common import MD_PATH, ROOT, build_base, make_peft_adapters, rss_bytes, write_section
+from serve_workload import Job, make_workload, summarize
 
 PLOT_PATH = ROOT / "benchmarks" / "serve_throughput.png"
 START, END = "<!-- serve:start -->", "<!-- serve:end -->"
@@ -64,44 +63,8 @@ def link_catalogue(src: Path, names: list[str], root: Path, count: int) -> list[
     return out
 
 
-@dataclass(frozen=True)
-class Job:
-    arrival: float  # seconds after the start
-    prompt: list[int]
-    adapter: str | None
-
-
-def make_workload(names: list[str] | None, n: int, rate: float, seed: int) -> list[Job]:
-    """Poisson arrivals (``rate`` per second), prompts of 32-256 tokens, adapters Zipf-like over ``names``."""
-    rng = random.Random(seed)
-    weights = [1.0 / (i + 1) for i in range(len(names))] if names else None
-    t, jobs = 0.0, []
-    for _ in range(n):
-        prompt = [rng.randrange(3, 49152) for _ in range(rng.randint(32, 256))]
-        jobs.append(Job(t, prompt, rng.choices(names, weights)[0] if names else None))
-        t += rng.expovariate(rate)
-    return jobs
-
-
 def rss_mb() -> float:
     return rss_bytes() / 2**20
-
-
-def pct(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    values = sorted(values)
-    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
-
-
-def summarize(arrivals: list[float], token_times: list[list[float]], t0: float) -> dict:
-    """Throughput, TTFT and ITL from per-request token timestamps (absolute, perf_counter)."""
-    tokens = sum(len(ts) for ts in token_times)
-    wall = max(ts[-1] for ts in token_times) - t0
-    ttft = [ts[0] - (t0 + a) for a, ts in zip(arrivals, token_times)]
-    itl = [b - a for ts in token_times for a, b in zip(ts, ts[1:])]
-    return {"tokens": tokens, "wall": wall, "tps": tokens / wall, "ttft50": pct(ttft, 0.5), "ttft99": pct(ttft, 0.99),
-            "itl50": pct(itl, 0.5), "itl99": pct(itl, 0.99)}
 
 
 # ---------------------------------------------------------------------------- the engine
