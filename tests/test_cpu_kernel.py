@@ -34,8 +34,8 @@ def _table(d_in: int, d_out: int, ranks: dict[int, int], seed: int = 0) -> SlotT
     return table
 
 
-# (d_in, d_out): multiples of 16, of 8 only, and neither (the vector loops' tails)
-SHAPES = [(64, 48), (24, 40), (37, 13), (576, 1536)]
+# (d_in, d_out): multiples of 16, of 8 only, neither (the vector loops' tails), below one vector
+SHAPES = [(64, 48), (24, 40), (37, 13), (5, 3), (576, 1536)]
 # ranks: 1, not a multiple of 4 (the expand loop's tail), 8, 64
 RANKS = {0: 1, 1: 3, 2: 8, 4: 64, 5: 13}
 ROWS = [
