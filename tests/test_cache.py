@@ -231,3 +231,16 @@ def test_unregistered_or_repointed_adapter_leaves_once_unused(registry, adapters
     load(cache, "b")  # and loaded again from its new directory
     assert model.sources[-1] == ("b", str(tmp_path / "b2"))
     assert cache.stats()["evictions"] == 2
+
+
+def test_force_never_evicts_an_adapter_a_request_ahead_waits_for(registry):
+    """The head of the load queue may displace adapters only requests behind it want, not those of
+    requests ahead of it: they are admitted first, and evicting theirs meant loading it again."""
+    model = FakeModel()
+    cache = AdapterCache(model, registry, max_loaded=2)
+    load(cache, "a")
+    load(cache, "b")
+    assert cache.start_load("c", protected=frozenset("ab"), force=True, keep=frozenset("ab")) == "full"
+    assert sorted(model.loaded) == ["a", "b"] and cache.stats()["evictions"] == 0
+    load(cache, "c", protected=frozenset("ab"), force=True, keep=frozenset("a"))
+    assert sorted(model.loaded) == ["a", "c"]

@@ -189,10 +189,12 @@ class AdapterCache:
             failures, self._failures = self._failures, {}
             return failures
 
-    def start_load(self, name: str, protected: frozenset[str] = frozenset(), force: bool = False) -> str:
+    def start_load(self, name: str, protected: frozenset[str] = frozenset(), force: bool = False,
+                   keep: frozenset[str] = frozenset()) -> str:
         """Begin loading ``name`` in the background if it fits now, evicting unpinned LRU adapters.
 
-        Adapters in ``protected`` (wanted by waiting requests) are evicted only with ``force``.
+        Adapters in ``protected`` (wanted by waiting requests) are evicted only with ``force``, and
+        those in ``keep`` (wanted by requests queued ahead of this load's) never.
         Returns ``"resident"``, ``"loading"`` (started now or before), ``"busy"`` (too many loads in
         flight) or ``"full"`` (no room until pinned adapters are released). Raises ``AdapterError``
         if it can never fit, ``UnknownAdapterError`` if it is not registered.
@@ -208,7 +210,7 @@ class AdapterCache:
             if self.max_bytes is not None and need > self.max_bytes:
                 raise AdapterError(f"adapter {name!r} needs about {need} bytes but max_adapter_bytes is {self.max_bytes}; "
                                    "raise max_adapter_bytes")
-            victims = self._victims(need, protected, force)
+            victims = self._victims(need, protected, force, keep)
             if victims is None:
                 busy = any(e.pins or e.state == "loading" for e in self._entries.values())
                 if not busy and self._victims(need, frozenset(), True) is None:
@@ -222,7 +224,8 @@ class AdapterCache:
         self._pool.submit(self._load, name, path)
         return "loading"
 
-    def _victims(self, need: int, protected: frozenset[str], force: bool) -> list[str] | None:
+    def _victims(self, need: int, protected: frozenset[str], force: bool,
+                 keep: frozenset[str] = frozenset()) -> list[str] | None:
         """Unpinned adapters to evict so that one more of ``need`` bytes fits; None if impossible."""
         count = len(self._entries)
         used = sum(e.nbytes for e in self._entries.values())
@@ -230,7 +233,7 @@ class AdapterCache:
                             if e.state == "resident" and e.pins == 0 and not e.permanent)
         order = [n for _, n in candidates if n not in protected]
         if force:
-            order += [n for _, n in candidates if n in protected]
+            order += [n for _, n in candidates if n in protected and n not in keep]
         victims: list[str] = []
         for name in [None, *order]:
             if name is not None:
