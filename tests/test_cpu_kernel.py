@@ -124,6 +124,7 @@ def test_kernel_rejects_mismatched_shapes_with_a_clear_error(kernel):
 
 def test_switched_off_the_torch_path_gives_the_same_results(monkeypatch):
     monkeypatch.setenv(cpu_kernel.ENV_SWITCH, "0")
+    monkeypatch.setattr(cpu_kernel, "_state", {})  # the switch is read once per process: start afresh
     assert cpu_kernel.load() is None
     table = _table(24, 40, RANKS)
     row_slots = ROWS[2]

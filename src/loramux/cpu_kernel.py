@@ -55,15 +55,14 @@ def build_dir() -> Path:
 def load(verbose: bool = False) -> ModuleType | None:
     """The compiled kernel module, building it once if needed; None if disabled or it cannot build.
 
-    Thread-safe; a failed build is logged once and not retried in this process.
+    Called by every wrapped layer of a decode step, so after the first call it is one dict lookup:
+    ``LORAMUX_CPU_KERNEL`` is read once per process, and a failed build is logged once, not retried.
     """
-    if not enabled():
-        return None
     if "module" in _state:
         return _state["module"]  # type: ignore[return-value]
     with _lock:
         if "module" not in _state:
-            _state["module"] = _build(verbose)
+            _state["module"] = _build(verbose) if enabled() else None
     return _state["module"]  # type: ignore[return-value]
 
 
