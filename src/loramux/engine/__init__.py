@@ -10,15 +10,21 @@ Usage (the HTTP server and ``loramux generate --batch`` are built on exactly thi
         handle = engine.submit("SELECT", adapter="sql", params=SamplingParams(max_tokens=64, temperature=0))
         for delta in handle: ...                                # or: async for delta in handle.stream()
         final = handle.result()                                 # full text/token_ids, finish_reason, usage
+        finals = handle.results()                               # with SamplingParams(n=3): one per sequence
         handle.cancel()
         engine.stats()
 
 ``submit`` raises ``UnknownAdapterError`` (from ``loramux.errors``; adapter neither registered nor
 loaded), ``RequestRejected`` (a ``ValueError``: the prompt can never fit, or a bad parameter) and
-``EngineOverloaded`` (the waiting queue is full).
+``EngineOverloaded`` (the waiting queue is full). A request that fails later (its adapter cannot be
+loaded, its own row faults, the shared forward fails) ends with finish_reason ``"error"`` and a typed
+``failure`` (``Failure(kind: FailureKind, message)``); one request's fault never fails another.
 """
 from loramux.cache import AdapterCache, AdapterRegistry
+from loramux.engine.constraints import TokenConstraint
 from loramux.engine.engine import Engine
+from loramux.engine.failures import Failure, FailureKind
+from loramux.engine.logprobs import TokenLogprob
 from loramux.engine.request import (
     EngineOverloaded,
     RequestHandle,
@@ -32,8 +38,12 @@ __all__ = [
     "AdapterRegistry",
     "Engine",
     "EngineOverloaded",
+    "Failure",
+    "FailureKind",
     "RequestHandle",
     "RequestOutput",
     "RequestRejected",
     "SamplingParams",
+    "TokenConstraint",
+    "TokenLogprob",
 ]

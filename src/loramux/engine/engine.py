@@ -29,6 +29,7 @@ from loramux.cache import AdapterCache, AdapterRegistry
 from loramux.engine import grouped_rows
 from loramux.engine import kv as kvops
 from loramux.engine.detokenize import IncrementalText
+from loramux.engine.failures import Failure, FailureKind, describe
 from loramux.openmp import release_thread_pool
 from loramux.engine.request import (EngineOverloaded, Request, RequestHandle, RequestOutput, RequestRejected,
                                     SamplingParams)
@@ -39,6 +40,7 @@ from loramux.model import BASE_ADAPTER
 
 logger = logging.getLogger(__name__)
 _counter = itertools.count(1)
+_ABORTED = Failure(FailureKind.ABORTED, "cancelled before it finished")
 
 
 class Engine:
@@ -164,6 +166,11 @@ class Engine:
             raise RequestRejected(f"the prompt has {len(ids)} tokens but at most {limit - 1} fit (the context holds "
                                   f"{self.max_context} tokens, max_kv_tokens is {self.max_kv_tokens}, and one is needed "
                                   "for the answer); shorten the prompt")
+        if self._vocab is not None:
+            bad = [t for t, _ in params.logit_bias if t >= self._vocab] + [t for t in params.stop_token_ids if t >= self._vocab]
+            if bad:
+                raise RequestRejected(f"logit_bias/stop_token_ids name token ids {bad[:5]} but this model's vocab has "
+                                      f"{self._vocab} tokens (ids 0..{self._vocab - 1})")
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self._eos)
         with self._wake:
             if self._closed:
@@ -244,7 +251,7 @@ class Engine:
             except Exception as exc:  # noqa: BLE001 - never let one bad step kill the loop
                 logger.exception("engine step failed; failing its %d running requests", len(self.scheduler.running))
                 for req in list(self.scheduler.running):
-                    self._finish(req, "error", error=f"{type(exc).__name__}: {exc}")
+                    self._finish(req, "error", failure=Failure(FailureKind.MODEL_ERROR, describe(exc)))
                 self._prefilling, self._rows, self._kv = [], [], None
                 return True
 
@@ -257,7 +264,8 @@ class Engine:
         self._apply_cancels(cancels)
         admitted, failed = self.scheduler.schedule()
         for req, exc in failed:
-            self._finish(req, "error", error=f"{type(exc).__name__}: {exc}", running=False)
+            kind = FailureKind.UNKNOWN_ADAPTER if isinstance(exc, UnknownAdapterError) else FailureKind.ADAPTER_LOAD_FAILED
+            self._finish(req, "error", failure=Failure(kind, describe(exc)), running=False)
         self._prefilling.extend(admitted)
         if not self._prefilling and not self._rows:
             return False
@@ -278,13 +286,13 @@ class Engine:
                 continue
             if req in self.scheduler.waiting:
                 self.scheduler.remove_waiting(req)
-                self._finish(req, "abort", running=False)
+                self._finish(req, "abort", failure=_ABORTED, running=False)
             elif req in self._prefilling:
                 self._prefilling.remove(req)
                 req.kv_part = None
-                self._finish(req, "abort")
+                self._finish(req, "abort", failure=_ABORTED)
             elif req in self._rows:
-                self._finish(req, "abort")
+                self._finish(req, "abort", failure=_ABORTED)
                 self._drop_rows([req])
 
     def _forward(self, kv: kvops.RowsKV, input_ids: torch.Tensor, position_ids: torch.Tensor,
@@ -376,13 +384,15 @@ class Engine:
             self._kv = None
 
     def _output(self, req: Request, token_ids: list[int], text: str, reason: str | None = None,
-                error: str | None = None) -> RequestOutput:
+                failure: Failure | None = None) -> RequestOutput:
         return RequestOutput(req.request_id, req.adapter, token_ids, text, finished=reason is not None,
                              finish_reason=reason, prompt_tokens=len(req.prompt_ids),
-                             completion_tokens=len(req.output_ids), error=error)
+                             completion_tokens=len(req.output_ids),
+                             error=failure.message if failure is not None and reason == "error" else None,
+                             failure=failure)
 
     def _finish(self, req: Request, reason: str, *, token_ids: list[int] | None = None, text: str = "",
-                error: str | None = None, running: bool = True) -> None:
+                failure: Failure | None = None, running: bool = True) -> None:
         if running and req in self.scheduler.running:
             self.scheduler.finish(req)
         if req.detok is not None and not req.detok.stopped:
@@ -390,5 +400,5 @@ class Engine:
         with self._wake:
             self._handles.pop(req.request_id, None)
         self.counters["finished"] += 1
-        req.handle._push(self._output(req, token_ids or [], text, reason, error))
+        req.handle._push(self._output(req, token_ids or [], text, reason, failure))
 
