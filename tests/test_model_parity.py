@@ -129,3 +129,58 @@ def test_modules_to_save_sequence_classification_mixed(tmp_path):
                 oracle.set_adapter(name)
                 expected = oracle(input_ids=ids[i:i + 1]).logits
             torch.testing.assert_close(got[i:i + 1], expected, atol=ATOL, rtol=0)
+
+
+# ---------------------------------------------------------------- scaled embeddings (issue 10 item 1)
+def _tiny_scaled(kind: str):
+    torch.manual_seed(0)
+    if kind == "gemma2":
+        from transformers import Gemma2Config, Gemma2ForCausalLM
+        return Gemma2ForCausalLM(Gemma2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                              num_attention_heads=2, num_key_value_heads=1, head_dim=16, sliding_window=8)).eval()
+    if kind == "gemma3_text":
+        from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+        return Gemma3ForCausalLM(Gemma3TextConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                  num_attention_heads=2, num_key_value_heads=1, head_dim=16, sliding_window=8)).eval()
+    from transformers import BartConfig, BartForConditionalGeneration
+    return BartForConditionalGeneration(BartConfig(vocab_size=VOCAB, d_model=32, encoder_layers=1, decoder_layers=1,
+                                                   encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
+                                                   decoder_ffn_dim=32, max_position_embeddings=64, scale_embedding=True)).eval()
+
+
+@pytest.mark.parametrize("kind", ["gemma2", "gemma3_text", "bart"])
+def test_scaled_embedding_lora_matches_peft(tmp_path, kind):
+    base = _tiny_scaled(kind)
+    scale = base.get_input_embeddings().embed_scale
+    assert float(scale) > 1.5, "the test needs an embedding that scales its output"
+    paths = {"emb": make_adapter(base, tmp_path / "emb", seed=11, r=4, lora_alpha=8, target_modules=["embed_tokens"]),
+             "mix": make_adapter(base, tmp_path / "mix", seed=12, r=2, target_modules=["embed_tokens", "q_proj"])}
+    ours = MultiLoraModel(copy.deepcopy(base))
+    for name, path in paths.items():
+        ours.load_adapter(path, adapter_name=name)
+    assert ours.base_model.get_input_embeddings().embed_scale is not None  # attributes pass through the wrapper
+    ids = _ids(3, seed=5)
+    kw = {"decoder_input_ids": _ids(3, seq=6, seed=6)} if kind == "bart" else {}
+    rows = ["emb", "__base__", "mix"]
+    with torch.no_grad():
+        mixed = ours(input_ids=ids, adapter_names=rows, **kw).logits
+        for i, name in enumerate(rows):
+            row_kw = {k: v[i:i + 1] for k, v in kw.items()}
+            if name == "__base__":
+                expected = base(input_ids=ids[i:i + 1], **row_kw).logits
+            else:
+                expected = peft_oracle(base, {name: paths[name]})(input_ids=ids[i:i + 1], **row_kw).logits
+                assert not torch.allclose(expected, base(input_ids=ids[i:i + 1], **row_kw).logits, atol=1e-3)
+            torch.testing.assert_close(mixed[i:i + 1], expected, atol=ATOL, rtol=0)
+
+
+def test_wrapper_passes_through_attributes_of_the_wrapped_layer(tmp_path):
+    base = tiny_llama()
+    ours = MultiLoraModel(copy.deepcopy(base))
+    ours.load_adapter(make_adapter(base, tmp_path / "a", r=2, target_modules=["embed_tokens", "q_proj"]), adapter_name="a")
+    emb = ours.base_model.get_input_embeddings()
+    assert (emb.padding_idx, emb.num_embeddings, emb.embedding_dim) == (0, VOCAB, 32)
+    q = ours.base_model.model.layers[0].self_attn.q_proj
+    assert (q.in_features, q.out_features) == (32, 32)
+    with pytest.raises(AttributeError):
+        q.no_such_attribute

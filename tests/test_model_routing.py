@@ -134,3 +134,78 @@ def test_no_active_adapter_attribute_on_modules(model):
     # routing state lives in the call's context, never on modules
     for module in model.base_model.modules():
         assert not hasattr(module, "active_adapter")
+
+
+# ---------------------------------------------------------------- embeddings without a batch axis (issue 10 item 2)
+def test_gpt2_wpe_position_ids_without_batch_axis_route_per_row(tmp_path):
+    """GPT-2's wpe gets (1, T) position ids broadcast over the batch: mixed rows (and beams) still get their own."""
+    from lora_fixtures import peft_oracle, tiny_gpt2
+
+    base = tiny_gpt2()
+    paths = {"wpe": make_adapter(base, tmp_path / "wpe", seed=3, r=4, lora_alpha=16, target_modules=["wpe"]),
+             "both": make_adapter(base, tmp_path / "both", seed=4, r=2, lora_alpha=16, target_modules=["wpe", "wte"])}
+    m = MultiLoraModel(copy.deepcopy(base))
+    for name, path in paths.items():
+        m.load_adapter(path, adapter_name=name)
+    torch.manual_seed(3)
+    ids = torch.randint(3, VOCAB, (4, 7))
+    rows = ["wpe", "__base__", "both", "wpe"]
+    with torch.no_grad():
+        mixed = m(input_ids=ids, adapter_names=rows).logits
+        for i, name in enumerate(rows):
+            expected = (base(input_ids=ids[i:i + 1]) if name == "__base__"
+                        else peft_oracle(base, {name: paths[name]})(input_ids=ids[i:i + 1])).logits
+            torch.testing.assert_close(mixed[i:i + 1], expected, atol=1e-5, rtol=0)
+    prompts = _prompts(3, seed=7)
+    ids, mask = _left_pad(prompts)
+    for kw in (dict(max_new_tokens=5, do_sample=False), dict(max_new_tokens=4, num_beams=3, do_sample=False)):
+        kw.update(pad_token_id=0, eos_token_id=None)
+        batch = m.generate(input_ids=ids, attention_mask=mask, adapter_names=["wpe", "both", "__base__"], **kw)[:, ids.shape[1]:]
+        for i, name in enumerate(["wpe", "both", "__base__"]):
+            solo = m.generate(input_ids=torch.tensor([prompts[i]]), adapter_names=[name], **kw)[0, len(prompts[i]):]
+            assert batch[i].tolist() == solo.tolist(), (kw, i, name)
+
+
+def test_bert_position_embeddings_mixed_rows_match_peft(tmp_path):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from lora_fixtures import peft_oracle
+
+    torch.manual_seed(0)
+    base = BertForSequenceClassification(BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                                    intermediate_size=32, max_position_embeddings=64, num_labels=3)).eval()
+    paths = {"pos": make_adapter(base, tmp_path / "pos", seed=5, r=4, lora_alpha=16, target_modules=["position_embeddings", "query"]),
+             "tok": make_adapter(base, tmp_path / "tok", seed=6, r=2, lora_alpha=16, target_modules=["word_embeddings"])}
+    m = MultiLoraModel(copy.deepcopy(base))
+    for name, path in paths.items():
+        m.load_adapter(path, adapter_name=name)
+    torch.manual_seed(4)
+    ids = torch.randint(3, VOCAB, (3, 9))
+    rows = ["tok", "pos", "__base__"]
+    with torch.no_grad():
+        mixed = m(input_ids=ids, adapter_names=rows).logits
+        for i, name in enumerate(rows):
+            expected = (base(input_ids=ids[i:i + 1]) if name == "__base__"
+                        else peft_oracle(base, {name: paths[name]})(input_ids=ids[i:i + 1])).logits
+            torch.testing.assert_close(mixed[i:i + 1], expected, atol=1e-5, rtol=0)
+
+
+def test_embeddings_that_cannot_route_per_row_are_refused_at_load(tmp_path):
+    from transformers import BartConfig, BartForConditionalGeneration, T5Config, T5ForConditionalGeneration
+
+    from loramux import TargetModuleError
+
+    torch.manual_seed(0)
+    t5 = T5ForConditionalGeneration(T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+                                             decoder_start_token_id=0)).eval()
+    bart = BartForConditionalGeneration(BartConfig(vocab_size=VOCAB, d_model=32, encoder_layers=1, decoder_layers=1,
+                                                   encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
+                                                   decoder_ffn_dim=32, max_position_embeddings=64)).eval()
+    cases = [(t5, "relative_attention_bias", r"relative_attention_bias.*relative-position buckets"),
+             (bart, "embed_positions", r"embed_positions.*BartLearnedPositionalEmbedding overrides forward")]
+    for base, target, message in cases:
+        m = MultiLoraModel(copy.deepcopy(base))
+        path = make_adapter(base, tmp_path / target, r=2, target_modules=[target, "q" if base is t5 else "q_proj"])
+        with pytest.raises(TargetModuleError, match=message):
+            m.load_adapter(path, adapter_name="x")
+        assert not m.adapters and not m._wrappers  # nothing changed

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from loramux.mapping import current_mapping
+from loramux.mapping import BatchMapping, call_rows, current_mapping
 from loramux.ops import apply_lora
 from loramux.slots import SlotTable
 
@@ -38,13 +38,58 @@ def delta_weight_layout(module: nn.Module, delta: torch.Tensor) -> torch.Tensor:
     return delta
 
 
-class LoraLayer(nn.Module):
-    """A base ``nn.Linear`` / ``Conv1D`` / ``nn.Embedding`` plus per-slot LoRA weights."""
+class _PassThrough(nn.Module):
+    """Attribute reads the wrapper does not answer go to the wrapped layer: the model keeps reading
+    ``embed_scale``, ``padding_idx``, ``in_features``, ``num_embeddings`` ... as before wrapping."""
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            base = self.__dict__.get("_modules", {}).get("base_layer")
+            if base is None or name.startswith("__"):
+                raise
+            return getattr(base, name)
+
+
+def embed_scale_of(module: nn.Module) -> torch.Tensor | float | None:
+    """The factor a scaled embedding (Gemma 2/3, BART ``scale_embedding``) multiplies its output by;
+    PEFT multiplies the LoRA delta by the same scalar, so must we. None when there is none."""
+    scale = getattr(module, "embed_scale", None)
+    if isinstance(scale, torch.Tensor) and scale.numel() == 1:
+        return scale
+    if isinstance(scale, (int, float)) and not isinstance(scale, bool):
+        return float(scale)
+    return None
+
+
+def replace_rows(y: torch.Tensor, x: torch.Tensor, args: tuple, kwargs: dict, copies: SlotTable,
+                 mapping: BatchMapping) -> torch.Tensor:
+    """Rows of adapters with their own copy of this module (``modules_to_save``) through that copy."""
+    mapping = mapping.for_rows(x.shape[0])
+    for group in mapping.groups(x.device):
+        copy = copies.get(group.slot)
+        if copy is None:
+            continue
+        out = copy(x[group.rows], *args, **kwargs)  # (b_group, ...) through the adapter's own module
+        if group.covers_all:
+            return out
+        y[group.rows] = out
+    return y
+
+
+class LoraLayer(_PassThrough):
+    """A base ``nn.Linear`` / ``Conv1D`` / ``nn.Embedding`` plus per-slot LoRA weights.
+
+    ``copies`` holds whole replacement modules (``modules_to_save``) of adapters that replace this
+    layer while others put LoRA on it (``lm_head``): their rows take the copy's output instead.
+    """
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.slots = SlotTable()
+        self.copies = SlotTable()  # entries are nn.Module copies (not registered: they are not base weights)
         self.is_embedding = isinstance(base_layer, nn.Embedding)
 
     @property
@@ -62,19 +107,48 @@ class LoraLayer(nn.Module):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         y = self.base_layer(x, *args, **kwargs)
         mapping = current_mapping()
-        if mapping is None or mapping.merged or self.slots.count == 0:
+        if mapping is None:
             return y
-        return apply_lora(y, x, self.slots, mapping, self.is_embedding, self.bias)
+        if self.slots.count and not mapping.merged:
+            y = self._embedding_delta(y, x, mapping) if self.is_embedding else apply_lora(y, x, self.slots, mapping, False, self.bias)
+        if self.copies.count:
+            y = replace_rows(y, x, args, kwargs, self.copies, mapping)
+        return y
+
+    def _embedding_delta(self, y: torch.Tensor, x: torch.Tensor, mapping: BatchMapping) -> torch.Tensor:
+        """Embedding LoRA, scaled like the base output (``embed_scale``), for ids with or without a batch axis.
+
+        Position ids shared by every row (GPT-2 ``wpe``, BERT ``position_embeddings``: ids (1, T),
+        output broadcast over the batch) are expanded to one slice per row of the running forward
+        when the rows' adapters differ: ids (1, T) -> (N, T), output (1, T, d) -> (N, T, d).
+        Embeddings whose ids are not per row at all (T5 relative buckets) are refused at load time.
+        """
+        n = call_rows(mapping) if x.dim() >= 1 and x.shape[0] == 1 else x.shape[0]
+        if n != x.shape[0]:
+            per_row = mapping.for_rows(n)
+            slots = set(per_row.row_slots)
+            if len(slots) == 1:  # every row the same adapter: the shared slice stays shared
+                mapping = BatchMapping((next(iter(slots)),), mapping.merged)
+            else:
+                x = x.expand(n, *x.shape[1:])                       # (1, T) -> (N, T)
+                y = y.expand(n, *y.shape[1:]).clone()               # (1, T, d) -> (N, T, d)
+        scale = embed_scale_of(self.base_layer)
+        if scale is None:
+            return apply_lora(y, x, self.slots, mapping, True, None)
+        delta = apply_lora(torch.zeros_like(y), x, self.slots, mapping, True, None)  # (N, T, d), unscaled
+        scale = scale.to(delta.dtype) if isinstance(scale, torch.Tensor) else scale
+        return y + delta * scale if y.requires_grad else y.add_(delta * scale)
 
     def extra_repr(self) -> str:
-        return f"slots={self.slots.occupied()}"
+        return f"slots={self.slots.occupied()}" + (f", copies={self.copies.occupied()}" if self.copies.count else "")
 
 
-class ModulesToSaveLayer(nn.Module):
+class ModulesToSaveLayer(_PassThrough):
     """A module some adapters replace whole (PEFT ``modules_to_save``, e.g. a classification head).
 
     Rows of an adapter with its own copy run through that copy; every other row through the base
-    module. Copies are selected per row like LoRA weights, so such adapters mix in one batch.
+    module (in which other adapters may have LoRA on submodules, e.g. ``classifier.dense``). Copies
+    are selected per row like LoRA weights, so such adapters mix in one batch.
     """
 
     def __init__(self, base_layer: nn.Module) -> None:
@@ -87,16 +161,7 @@ class ModulesToSaveLayer(nn.Module):
         mapping = current_mapping()
         if mapping is None or self.slots.count == 0:
             return y
-        mapping = mapping.for_rows(x.shape[0])
-        for group in mapping.groups(x.device):
-            copy = self.slots.get(group.slot)
-            if copy is None:
-                continue
-            out = copy(x[group.rows], *args, **kwargs)  # (b_group, ...) through the adapter's own module
-            if group.covers_all:
-                return out
-            y[group.rows] = out
-        return y
+        return replace_rows(y, x, args, kwargs, self.slots, mapping)
 
     def extra_repr(self) -> str:
         return f"slots={self.slots.occupied()}"

@@ -115,11 +115,37 @@ class BatchMapping:
 
 
 _current: contextvars.ContextVar[BatchMapping | None] = contextvars.ContextVar("loramux_batch_mapping", default=None)
+# (mapping, rows) of the model forward running now: generate() calls the model once per step with
+# B*k rows (beams), and a layer whose input has no batch axis (GPT-2 ``wpe`` gets (1, T) ids) needs
+# that k to give one slice per row. Tied to the mapping object, so a hint of an earlier call is ignored.
+_call_rows: contextvars.ContextVar[tuple[BatchMapping, int] | None] = contextvars.ContextVar("loramux_call_rows", default=None)
+
+_ROW_KEYS = ("input_ids", "inputs_embeds", "decoder_input_ids", "decoder_inputs_embeds")
 
 
 def current_mapping() -> BatchMapping | None:
     """The mapping of the forward call running in this thread/task, or None outside any call."""
     return _current.get()
+
+
+def record_call_rows(module, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook of the wrapped model: note how many rows this forward call has."""
+    mapping = _current.get()
+    if mapping is None:
+        return
+    tensor = next((kwargs[k] for k in _ROW_KEYS if isinstance(kwargs.get(k), torch.Tensor)), None)
+    if tensor is None and args and isinstance(args[0], torch.Tensor):
+        tensor = args[0]
+    if tensor is not None and tensor.dim() > 0:
+        _call_rows.set((mapping, int(tensor.shape[0])))
+
+
+def call_rows(mapping: BatchMapping) -> int:
+    """Rows of the running model forward (B*k under beam search), else ``mapping.n_rows``."""
+    hint = _call_rows.get()
+    if hint is not None and hint[0] is mapping and hint[1] % mapping.n_rows == 0:
+        return hint[1]
+    return mapping.n_rows
 
 
 @contextlib.contextmanager

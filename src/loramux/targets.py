@@ -1,0 +1,77 @@
+"""Which base modules can carry per-row adapters, and why the others are refused at load time.
+
+A wrapped layer routes by the first axis of its input: row b of the batch uses ``adapter_names[b]``.
+That holds for almost every layer of a text model. It does not hold for
+
+- embeddings whose ids are not per row: T5's ``relative_attention_bias`` looks up (Tq, Tk) buckets
+  shared by every row (output (Tq, Tk, heads), permuted into one (1, heads, Tq, Tk) bias). There is
+  no per-row slice to give each row its own adapter, and routing by the first axis would route by
+  query position. GPT-2 ``wpe`` / BERT ``position_embeddings`` get (1, T) ids broadcast over the
+  batch: those are expanded to one slice per row (``LoraLayer._embedding_delta``), so they load.
+- embedding subclasses whose ``forward`` computes the ids it looks up (BART's learned positions take
+  ``input_ids`` and look up ``arange(T) + 2``): LoRA's lookup would use other ids than the base.
+- modules of a vision or audio tower (and the projector after it): their first axis counts images
+  or clips, not text rows, so a row's adapter cannot be found from it.
+
+Each refusal is a :class:`TargetModuleError` naming the module and the reason, raised before the model
+changes.
+"""
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import nn
+
+from loramux.errors import TargetModuleError
+
+# module names (a path component) of the non-text parts of multimodal models
+_TOWER_PARTS = {"vision_tower", "vision_model", "visual", "vision_encoder", "image_encoder", "multi_modal_projector",
+                "mm_projector", "vision_projection", "audio_tower", "audio_encoder", "audio_model", "vision_embed_tokens"}
+_NON_TEXT_INPUTS = {"pixel_values", "input_features", "input_values", "pixel_values_videos"}
+
+
+def tower_of(name: str, base_modules: dict[str, nn.Module]) -> str | None:
+    """The vision/audio tower or projector ``name`` belongs to, or None for the text model."""
+    parts = name.split(".")
+    for i in range(len(parts), 0, -1):
+        prefix = ".".join(parts[:i])
+        module = base_modules.get(prefix)
+        if parts[i - 1] in _TOWER_PARTS or getattr(module, "main_input_name", None) in _NON_TEXT_INPUTS:
+            return prefix
+    return None
+
+
+def _embedding_problem(name: str, module: nn.Embedding, base_modules: dict[str, nn.Module]) -> str | None:
+    parent = base_modules.get(name.rpartition(".")[0])
+    if "relative" in name.rpartition(".")[2] or hasattr(parent, "relative_attention_num_buckets"):
+        return ("it looks up relative-position buckets (Tq, Tk) shared by every row of the batch, so its output has no "
+                "row axis and one adapter per row cannot be applied (T5-style relative attention bias)")
+    forward = type(module).forward
+    if forward is not nn.Embedding.forward:
+        params = [p for p in inspect.signature(forward).parameters.values() if p.name != "self"]
+        scaled = hasattr(module, "embed_scale") and len(params) == 1
+        if not scaled:
+            return (f"its class {type(module).__name__} overrides forward({', '.join(p.name for p in params)}) and computes "
+                    "the ids it looks up itself (e.g. learned positions from input_ids), so LoRA's lookup on the input "
+                    "would use other ids than the base layer")
+        scale = getattr(module, "embed_scale")
+        if isinstance(scale, torch.Tensor) and scale.numel() != 1:
+            return f"its embed_scale has shape {tuple(scale.shape)}; only a scalar scale can be applied to the LoRA delta"
+    return None
+
+
+def check_target(source, name: str, base: nn.Module, base_modules: dict[str, nn.Module], kind: str = "LoRA") -> None:
+    """Refuse ``name`` as a per-row adapter target (``kind``: "LoRA" or "modules_to_save") when rows cannot be
+    told apart in it; see the module docstring."""
+    tower = tower_of(name, base_modules)
+    if tower is not None:
+        raise TargetModuleError(
+            f"{source}: {kind} on {name!r} is refused: it is part of {tower!r}, a vision/audio tower or projector whose "
+            "batch axis counts images (or clips), not text rows, so loramux cannot tell which row's adapter applies. "
+            "Adapters on the language model are supported; re-train without the tower (e.g. target_modules regex "
+            "limited to the language_model)")
+    if kind == "LoRA" and isinstance(base, nn.Embedding):
+        problem = _embedding_problem(name, base, base_modules)
+        if problem is not None:
+            raise TargetModuleError(f"{source}: LoRA on the embedding {name!r} is refused: {problem}")
