@@ -184,3 +184,77 @@ def test_wrapper_passes_through_attributes_of_the_wrapped_layer(tmp_path):
     assert (q.in_features, q.out_features) == (32, 32)
     with pytest.raises(AttributeError):
         q.no_such_attribute
+
+
+# ---------------------------------------------------------------- modules_to_save and LoRA in one module (issue 10 item 4)
+def _perturb_saved(path, prefix: str) -> None:
+    """Give a saved modules_to_save copy weights that differ from the base's, or the test proves nothing."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(path / "adapter_model.safetensors"))
+    keys = [k for k in tensors if k.startswith("base_model.model." + prefix + ".") and "lora_" not in k]
+    assert keys, f"no saved {prefix} weights"
+    g = torch.Generator().manual_seed(len(keys))
+    for k in keys:
+        tensors[k] = tensors[k] + 0.5 * torch.randn(tensors[k].shape, generator=g)
+    save_file(tensors, str(path / "adapter_model.safetensors"))
+
+
+def _per_adapter_parity(base, paths: dict, order: list[str], ids: torch.Tensor) -> None:
+    ours = MultiLoraModel(copy.deepcopy(base))
+    for name in order:
+        ours.load_adapter(paths[name], adapter_name=name)
+    rows = (order + ["__base__"] + order)[: len(ids)]
+    with torch.no_grad():
+        mixed = ours(input_ids=ids, adapter_names=rows).logits
+        for i, name in enumerate(rows):
+            expected = (base(input_ids=ids[i:i + 1]) if name == "__base__"
+                        else peft_oracle(base, {name: paths[name]})(input_ids=ids[i:i + 1])).logits
+            if name != "__base__":
+                assert not torch.allclose(expected, base(input_ids=ids[i:i + 1]).logits, atol=1e-3)
+            torch.testing.assert_close(mixed[i:i + 1], expected, atol=ATOL, rtol=0, msg=lambda m: f"{order} row {i} {name}: {m}")
+    for name in order:
+        ours.delete_adapter(name)
+    with torch.no_grad():
+        assert torch.equal(ours(input_ids=ids).logits, base(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("order", [["head", "dense"], ["dense", "head"]])
+def test_modules_to_save_head_and_lora_inside_it_both_orders(tmp_path_factory, order):
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    tmp = tmp_path_factory.mktemp("cls")
+    torch.manual_seed(0)
+    base = RobertaForSequenceClassification(RobertaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                                          intermediate_size=32, max_position_embeddings=64, num_labels=3,
+                                                          pad_token_id=1)).eval()
+    paths = {"head": make_adapter(base, tmp / "head", seed=21, r=4, target_modules=["query"], modules_to_save=["classifier"]),
+             "dense": make_adapter(base, tmp / "dense", seed=22, r=2, lora_alpha=8, target_modules=["classifier.dense", "value"])}
+    _perturb_saved(paths["head"], "classifier")
+    _per_adapter_parity(base, paths, order, torch.randint(3, VOCAB, (4, 8), generator=torch.Generator().manual_seed(2)))
+
+
+@pytest.mark.parametrize("order", [["lora_head", "saved_head"], ["saved_head", "lora_head"]])
+def test_lm_head_lora_for_one_adapter_modules_to_save_for_another(tmp_path_factory, order):
+    tmp = tmp_path_factory.mktemp("lm_head")
+    base = tiny_llama()
+    paths = {"lora_head": make_adapter(base, tmp / "l", seed=23, r=4, lora_alpha=16, target_modules=["lm_head", "q_proj"]),
+             "saved_head": make_adapter(base, tmp / "s", seed=24, r=2, target_modules=["v_proj"], modules_to_save=["lm_head"])}
+    _perturb_saved(paths["saved_head"], "lm_head")
+    _per_adapter_parity(base, paths, order, _ids(5, seed=8))
+
+
+def test_same_module_as_lora_and_modules_to_save_of_one_adapter_is_refused(tmp_path):
+    from loramux import TargetModuleError
+
+    base = tiny_llama()
+    path = make_adapter(base, tmp_path / "both", r=2, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    from safetensors.torch import load_file, save_file
+    tensors = load_file(str(path / "adapter_model.safetensors"))
+    tensors["base_model.model.lm_head.lora_A.weight"] = torch.randn(2, 32)
+    tensors["base_model.model.lm_head.lora_B.weight"] = torch.randn(VOCAB, 2)
+    save_file(tensors, str(path / "adapter_model.safetensors"))
+    ours = MultiLoraModel(copy.deepcopy(base))
+    with pytest.raises(TargetModuleError, match=r"'lm_head' is both a LoRA target and in modules_to_save"):
+        ours.load_adapter(path, adapter_name="both")
+    assert not ours.adapters

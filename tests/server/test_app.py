@@ -45,6 +45,11 @@ def sse_events(text: str) -> list:
     return [json.loads(e) for e in events[:-1]]
 
 
+def endpoint_input(path: str, text: str) -> dict:
+    """The prompt field of ``path``: ``messages`` for chat, ``prompt`` for completions."""
+    return {"messages": [{"role": "user", "content": text}]} if path.endswith("chat/completions") else {"prompt": text}
+
+
 def assert_error(resp, status: int, *needles: str, code: str | None = None) -> dict:
     assert resp.status_code == status, resp.text
     body = resp.json()
@@ -74,7 +79,7 @@ def test_models_lists_base_and_every_adapter_with_parent_and_root(client, world)
 
 @pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
 def test_unknown_model_is_404_listing_available_never_the_base(client, engine, path):
-    body = {"model": "no-such-adapter", "prompt": "hi", "messages": [{"role": "user", "content": "hi"}]}
+    body = {"model": "no-such-adapter", **endpoint_input(path, "hi")}
     err = assert_error(client.post(path, json=body), 404, "no-such-adapter", "tiny-base", "a0", "a7",
                        code="model_not_found")
     assert err["param"] == "model"
@@ -84,17 +89,18 @@ def test_unknown_model_is_404_listing_available_never_the_base(client, engine, p
 # ------------------------------------------------------------------------------------ completions
 
 
-def test_completion_routes_model_to_adapter_and_base(client, engine):
+def test_completion_routes_model_to_adapter_and_base(client, engine, world):
     resp = client.post("/v1/completions", json={"model": "a2", "prompt": "one two", "max_tokens": 3, "temperature": 0})
     assert resp.status_code == 200, resp.text
     body = resp.json()
     assert body["object"] == "text_completion" and body["model"] == "a2"
     assert body["choices"][0]["text"] == "a2:0 a2:1 a2:2 " and body["choices"][0]["finish_reason"] == "length"
-    assert body["usage"] == {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5}
+    ids = list(world["tokenizer"]("one two")["input_ids"])  # the server tokenizes (context checks first)
+    assert body["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 3, "total_tokens": len(ids) + 3}
     base = client.post("/v1/completions", json={"model": "tiny-base", "prompt": [5, 6, 7], "max_tokens": 1}).json()
     assert base["choices"][0]["text"] == "base:0 "
     (p1, a1, s1), (p2, a2, s2) = engine.submitted
-    assert (p1, a1, s1.max_tokens, s1.temperature) == ("one two", "a2", 3, 0.0)
+    assert (p1, a1, s1.max_tokens, s1.temperature) == (ids, "a2", 3, 0.0)
     assert (p2, a2, s2.max_tokens, s2.temperature) == ([5, 6, 7], None, 1, 1.0)
 
 
@@ -124,7 +130,7 @@ def test_chat_applies_the_base_chat_template(client, engine, world):
 @pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
 @pytest.mark.parametrize("include_usage", [False, True])
 def test_stream_gives_same_text_as_non_stream_and_usage(client, path, include_usage):
-    body = {"model": "a4", "prompt": "a b c", "messages": [{"role": "user", "content": "a b c"}], "max_tokens": 4}
+    body = {"model": "a4", **endpoint_input(path, "a b c"), "max_tokens": 4}
     plain = client.post(path, json=body).json()
     stream_body = {**body, "stream": True, **({"stream_options": {"include_usage": True}} if include_usage else {})}
     with client.stream("POST", path, json=stream_body) as resp:
@@ -137,9 +143,13 @@ def test_stream_gives_same_text_as_non_stream_and_usage(client, path, include_us
     finishes = [c["finish_reason"] for e in events for c in e["choices"] if c["finish_reason"]]
     assert finishes == ["length"]
     usages = [e["usage"] for e in events if e.get("usage")]
-    assert usages == [plain["usage"]]
+    # usage only when asked for, then in one final chunk with no choices (and "usage": null before it)
+    assert usages == ([plain["usage"]] if include_usage else [])
     if include_usage:
         assert events[-1]["choices"] == [] and events[-1]["usage"] == plain["usage"]
+        assert all("usage" in e and e["usage"] is None for e in events[:-1])
+    else:
+        assert all("usage" not in e for e in events)
     if chat:
         assert events[0]["choices"][0]["delta"]["role"] == "assistant"
         assert all(e["object"] == "chat.completion.chunk" for e in events)
@@ -151,24 +161,38 @@ def test_stream_gives_same_text_as_non_stream_and_usage(client, path, include_us
 @pytest.mark.parametrize("field,value,needle", [
     ("max_tokens", -1, "max_tokens (-1) must be >= 1"),
     ("max_tokens", 0, "max_tokens (0)"),
-    ("n", 2, "n (2) must be 1"),
+    ("n", 17, "n (17) must be between 1 and 16"),
+    ("n", 0, "n (0)"),
     ("temperature", 3.0, "temperature (3.0)"),
     ("top_p", 0.0, "top_p (0.0)"),
     ("top_k", -5, "top_k (-5)"),
     ("stop", [""], "non-empty"),
     ("stop", ["s"] * 9, "at most 8"),
-    ("logprobs", 3, "logprobs"),
-    ("echo", True, "echo"),
+    ("logprobs", 21, "logprobs (21) must be between 0 and 20"),
     ("best_of", 3, "best_of"),
     ("presence_penalty", 0.5, "presence_penalty"),
-    ("prompt", ["a", "b"], "2 prompts"),
+    ("frequency_penalty", -1.0, "frequency_penalty"),
+    ("repetition_penalty", 1.3, "repetition_penalty"),
+    ("suffix", "tail", "suffix"),
     ("prompt", [], "empty"),
+    ("prompt", [[1, 2], []], "prompt.1 is an empty list"),
+    ("prompt", ["a", ""], "prompt.1 is an empty string"),
+    ("prompt", "\ud800x", "lone surrogate"),
+    ("prompt", ["ok", "\udfffz"], "lone surrogate"),
+    ("stop", ["\ud800"], "lone surrogate"),
+    ("logit_bias", {"x": 1}, "not a token id"),
+    ("logit_bias", {"5": 101}, "between -100 and 100"),
+    ("stream_options", {"include_usage": True}, "only allowed with stream: true"),
+    ("response_format", {"type": "json_schema"}, "json_schema.schema"),
+    ("frobnicate", 1, "unrecognized request argument 'frobnicate'"),
     ("seed", -1, "seed"),
 ])
 def test_bad_values_are_400_naming_the_parameter(client, engine, field, value, needle):
     body = {"model": "a0", "prompt": "x", field: value}
-    err = assert_error(client.post("/v1/completions", json=body), 400, needle)
-    assert err["type"] == "invalid_request_error"
+    # json.dumps escapes lone surrogates as \\ud800: valid JSON that decodes to a string UTF-8 cannot hold
+    resp = client.post("/v1/completions", content=json.dumps(body), headers={"content-type": "application/json"})
+    err = assert_error(resp, 400, needle)
+    assert err["type"] == "invalid_request_error" and err["param"] == field
     assert engine.submitted == []
 
 
@@ -194,18 +218,33 @@ def test_malformed_json_is_400(client):
     ({"model": ["a0"], "prompt": "x"}, "model"),
     ([1, 2, 3], "body"),
 ])
-def test_wrong_json_shape_is_422(client, body, needle):
-    assert_error(client.post("/v1/completions", json=body), 422, needle, code="invalid_body")
+def test_wrong_json_shape_is_400_naming_the_field(client, body, needle):
+    err = assert_error(client.post("/v1/completions", json=body), 400, needle, code="invalid_body")
+    assert err["type"] == "invalid_request_error"
 
 
-def test_wrong_chat_shape_is_422(client):
+def test_wrong_chat_shape_is_400_naming_the_field(client):
     resp = client.post("/v1/chat/completions", json={"model": "a0", "messages": [{"role": "wizard", "content": "x"}]})
-    assert_error(resp, 422, "messages.0.role")
+    err = assert_error(resp, 400, "messages.0.role")
+    assert err["param"] == "messages.0.role"
 
 
-def test_prompt_that_cannot_fit_is_400(client, engine):
+def test_prompt_or_max_tokens_beyond_the_context_is_400(client, engine, world):
+    # the fake's context holds 64 tokens
     resp = client.post("/v1/completions", json={"model": "a0", "prompt": "w " * 500})
-    assert_error(resp, 400, "cannot fit the context", code="request_rejected")
+    assert_error(resp, 400, "maximum context length is 64 tokens", code="context_length_exceeded")
+    n_prompt = len(world["tokenizer"]("hello world")["input_ids"])
+    resp = client.post("/v1/completions", json={"model": "a0", "prompt": "hello world", "max_tokens": 64})
+    err = assert_error(resp, 400, "maximum context length is 64 tokens", f"{n_prompt} in the prompt",
+                       code="context_length_exceeded")
+    assert err["param"] == "max_tokens"
+    resp = client.post("/v1/chat/completions", json={"model": "a0", "messages": [{"role": "user", "content": "hi"}],
+                                                       "max_completion_tokens": 64})
+    assert_error(resp, 400, "maximum context length", "in the messages")
+    assert engine.submitted == []
+    # without max_tokens the default is clamped to what the context leaves
+    ok = client.post("/v1/chat/completions", json={"model": "a0", "messages": [{"role": "user", "content": "hi"}]})
+    assert ok.status_code == 200 and engine.submitted[0][2].max_tokens == 64 - len(engine.submitted[0][0])
 
 
 def test_body_too_large_is_413_with_and_without_content_length(engine, world):
@@ -327,11 +366,11 @@ def test_runtime_load_of_corrupt_missing_or_odd_paths_is_400(engine, world):
     client = runtime_client(engine, world)
     load = lambda name, path: client.post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": path})
     assert_error(load("bad", str(world["corrupt"])), 400, "invalid adapter", code="invalid_adapter")
-    assert_error(load("bad", str(world["runtime"] / "missing")), 400, "not a directory")
+    assert_error(load("bad", str(world["runtime"] / "missing")), 404, "does not exist", code="adapter_not_found")
     assert_error(load("bad", str(world["runtime"])), 400, "adapter root itself")
     assert_error(load("a/b", "good"), 400, "lora_name")
     assert_error(load("tiny-base", "good"), 400, "base model's name")
-    assert_error(client.post("/v1/load_lora_adapter", json={"lora_name": "x"}), 422, "lora_path")
+    assert_error(client.post("/v1/load_lora_adapter", json={"lora_name": "x"}), 400, "lora_path")
     assert "bad" not in [c["id"] for c in client.get("/v1/models").json()["data"]]
     # still serving
     assert client.post("/v1/completions", json={"model": "a0", "prompt": "x"}).status_code == 200
@@ -340,7 +379,7 @@ def test_runtime_load_of_corrupt_missing_or_odd_paths_is_400(engine, world):
 # ---------------------------------------------------------------------------------------- metrics
 
 
-def test_metrics_report_requests_tokens_latency_and_engine_state(client):
+def test_metrics_report_requests_tokens_latency_and_engine_state(client, world):
     client.post("/v1/completions", json={"model": "a3", "prompt": "p q", "max_tokens": 3})
     with client.stream("POST", "/v1/completions", json={"model": "a3", "prompt": "p", "max_tokens": 2, "stream": True}) as r:
         r.read()
@@ -348,7 +387,8 @@ def test_metrics_report_requests_tokens_latency_and_engine_state(client):
     text = client.get("/metrics").text
     assert 'loramux_requests_total{endpoint="completions",finish_reason="length",model="a3"} 2.0' in text
     assert 'loramux_generation_tokens_total{model="a3"} 5.0' in text
-    assert 'loramux_prompt_tokens_total{model="a3"} 3.0' in text
+    n_prompt = len(world["tokenizer"]("p q")["input_ids"]) + len(world["tokenizer"]("p")["input_ids"])
+    assert f'loramux_prompt_tokens_total{{model="a3"}} {float(n_prompt)}' in text
     assert 'loramux_http_errors_total{status="404"} 1.0' in text
     assert "loramux_time_to_first_token_seconds_count 2.0" in text
     assert "loramux_inter_token_latency_seconds_count 1.0" in text

@@ -1,21 +1,23 @@
 """A client that goes away cancels its engine request (frees its slot), whether it leaves
 mid-stream, while the request still waits for its first token, or during a non-streaming call.
-Driven through raw ASGI calls so the disconnect happens exactly where the test wants it."""
+Driven through raw ASGI calls so the disconnect happens exactly where the test wants it, and a
+gated fake engine that lets tokens out only when the test allows: nothing races a clock."""
 from __future__ import annotations
 
 import asyncio
 import json
-import time
 
 import pytest
 
 from loramux.cache import AdapterRegistry
 from loramux.server import create_app
-from srv_fake_engine import FakeEngine
+from srv_fake_engine import FakeEngine, Gate
 
 
 async def call(app, path: str, body: dict, *, disconnect_after_chunks: int | None = None,
-               disconnect_after_s: float | None = None) -> list[dict]:
+               disconnect_when=None) -> list[dict]:
+    """Run one request through the ASGI app; the client leaves after ``disconnect_after_chunks`` body
+    chunks, or as soon as ``disconnect_when()`` (a blocking wait, run in a thread) returns."""
     data = json.dumps(body).encode()
     scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
              "method": "POST", "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
@@ -42,13 +44,13 @@ async def call(app, path: str, body: dict, *, disconnect_after_chunks: int | Non
         if disconnect_after_chunks is not None and len(chunks) >= disconnect_after_chunks:
             gone.set()
 
-    async def timer():
-        await asyncio.sleep(disconnect_after_s)
+    async def watcher():
+        assert await asyncio.to_thread(disconnect_when), "the condition to disconnect on never held"
         gone.set()
 
-    if disconnect_after_s is not None:
-        asyncio.ensure_future(timer())
-    await asyncio.wait_for(app(scope, receive, send), timeout=20)
+    if disconnect_when is not None:
+        asyncio.ensure_future(watcher())
+    await asyncio.wait_for(app(scope, receive, send), timeout=30)  # a guard only: every step is event-driven
     return sent
 
 
@@ -56,27 +58,29 @@ async def call(app, path: str, body: dict, *, disconnect_after_chunks: int | Non
 def engine(tiny_world):
     registry = AdapterRegistry()
     registry.add_root(tiny_world["root"])
-    return FakeEngine(registry, tokenizer=tiny_world["tokenizer"], delay=0.02)
+    fake = FakeEngine(registry, tokenizer=tiny_world["tokenizer"], max_context=4096)
+    fake.gate = Gate()  # tokens come out only when a test allows them
+    return fake
 
 
-def wait_idle(engine: FakeEngine, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while engine.running and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert engine.running == 0
+def wait_idle(engine: FakeEngine) -> None:
+    assert engine.wait_for(lambda e: e.running == 0), "the fake engine kept running after the cancel"
 
 
 @pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
 def test_disconnect_mid_stream_cancels_the_request(engine, path):
     app = create_app(engine, base_name="tiny")
-    body = {"model": "a1", "prompt": "x", "messages": [{"role": "user", "content": "x"}], "max_tokens": 500,
-            "stream": True}
-    sent = asyncio.run(call(app, path, body, disconnect_after_chunks=3))
+    body = {"model": "a1", **({"messages": [{"role": "user", "content": "x"}]} if "chat" in path else {"prompt": "x"}),
+            "max_tokens": 500, "stream": True}
+    engine.gate.allow(3)  # three tokens, then the fake waits for a permit that never comes
+    chunks = 4 if "chat" in path else 3  # chat: the role chunk first
+    sent = asyncio.run(call(app, path, body, disconnect_after_chunks=chunks))
     assert sent[0]["status"] == 200
     assert len(engine.cancelled) == 1
     wait_idle(engine)  # the fake stops at its next token, like the engine at its next step
     text = b"".join(m.get("body", b"") for m in sent).decode()
     assert "[DONE]" not in text
+    assert engine.produced <= 3
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -84,7 +88,7 @@ def test_disconnect_before_first_token_cancels_the_request(engine, stream):
     engine.stall = True  # queued forever: nothing is ever produced unless cancelled
     app = create_app(engine, base_name="tiny")
     body = {"model": "a2", "prompt": "x", "max_tokens": 5, "stream": stream}
-    asyncio.run(call(app, "/v1/completions", body, disconnect_after_s=0.3))
+    asyncio.run(call(app, "/v1/completions", body, disconnect_when=lambda: engine.wait_for(lambda e: e.submitted)))
     assert len(engine.cancelled) == 1
     wait_idle(engine)
     text = app.state.loramux.metrics.render().decode()
@@ -93,13 +97,16 @@ def test_disconnect_before_first_token_cancels_the_request(engine, stream):
 
 def test_non_streaming_disconnect_mid_generation_cancels(engine):
     app = create_app(engine, base_name="tiny")
+    engine.gate.allow(2)  # two tokens produced, the third waits: the client leaves in between
     asyncio.run(call(app, "/v1/completions", {"model": "a3", "prompt": "x", "max_tokens": 500},
-                     disconnect_after_s=0.2))
+                     disconnect_when=lambda: engine.wait_for(lambda e: e.produced == 2)))
     assert len(engine.cancelled) == 1
     wait_idle(engine)
+    assert engine.produced == 2
 
 
 def test_finished_stream_cancels_nothing(engine):
+    engine.gate.allow(3)
     app = create_app(engine, base_name="tiny")
     sent = asyncio.run(call(app, "/v1/completions", {"model": "a1", "prompt": "x", "max_tokens": 3, "stream": True}))
     assert b"[DONE]" in b"".join(m.get("body", b"") for m in sent)

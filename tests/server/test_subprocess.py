@@ -150,7 +150,7 @@ def test_bad_input_gets_the_right_status_and_the_server_keeps_answering(server, 
     assert "no-such-adapter" in str(err.value) and "tiny-base" in str(err.value) and "a7" in str(err.value)
     with pytest.raises(openai.BadRequestError, match="max_tokens"):
         client.completions.create(model="a0", prompt="x", max_tokens=-5)
-    with pytest.raises(openai.BadRequestError, match="fit"):  # longer than the 512-token context
+    with pytest.raises(openai.BadRequestError, match="maximum context length is 512"):  # longer than the context
         client.completions.create(model="a0", prompt="one two three " * 300, max_tokens=2)
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0).models.list()
@@ -162,7 +162,8 @@ def test_bad_input_gets_the_right_status_and_the_server_keeps_answering(server, 
     assert raw.get("/v1/models").status_code == 401
     resp = raw.post("/v1/completions", content=b'{"model": "a0", "prompt": ', headers=auth)
     assert resp.status_code == 400 and resp.json()["error"]["code"] == "invalid_json"
-    assert raw.post("/v1/completions", content=json.dumps({"model": "a0"}), headers=auth).status_code == 422
+    resp = raw.post("/v1/completions", content=json.dumps({"model": "a0"}), headers=auth)
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "prompt"
     resp = raw.post("/v1/completions", content=json.dumps({"model": "a0", "prompt": "x" * 70000}), headers=auth)
     assert resp.status_code == 413
     for path in ["../outside/evil", str(tiny_world["runtime"] / ".." / "outside" / "evil"),

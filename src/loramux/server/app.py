@@ -8,21 +8,30 @@ and ``POST /v1/unload_lora_adapter``. ``model`` picks the adapter by name, or th
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+import dataclasses
+import logging
+from typing import Any, Callable
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.routing import APIRoute
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engine import EngineOverloaded, RequestRejected, SamplingParams
 from ..errors import UnknownAdapterError
-from . import schemas
+from . import schemas, validation
 from .catalog import Catalog
 from .config import ServerConfig
-from .errors import APIError, install_error_handlers
-from .generation import GenerationCall, run_generation
+from .errors import APIError, error_response, install_error_handlers
+from .generation import GenerationCall, Source, run_generation
+from .structured import StructuredOutputs
+from .validation import Spec
 from .metrics import CONTENT_TYPE, ServerMetrics
 from .middleware import GateMiddleware
 from .security import resolve_inside_roots
+
+logger = logging.getLogger(__name__)
 
 
 class ServerState:
@@ -34,6 +43,7 @@ class ServerState:
         self.config = config
         self.catalog = Catalog(engine, config, registry)
         self.metrics = ServerMetrics(engine.stats)
+        self.structured = StructuredOutputs(self.tokenizer, _vocab_size(engine, self.tokenizer))
         self.closing = False
 
     def adapter_for(self, model: str) -> str | None:
@@ -50,34 +60,119 @@ class ServerState:
         return APIError(404, f"model {model!r} does not exist; available models: {shown}",
                         param="model", code="model_not_found")
 
-    def output_error(self, call: GenerationCall, error: str) -> APIError:
-        """An engine failure reported on a request's output (e.g. its adapter failed to load)."""
-        if call.adapter is not None and self.catalog.load_failed(call.adapter, error):
-            return APIError(400, f"adapter {call.adapter!r} could not be loaded: {error}", param="model",
+    def output_error(self, call: GenerationCall, out: Any) -> APIError:
+        """An engine failure reported on a request's output, by its typed kind."""
+        failure = getattr(out, "failure", None)
+        message = str(failure.message if failure is not None else (out.error or "the engine failed this request"))
+        kind = getattr(getattr(failure, "kind", None), "value", None)
+        if kind is None and call.adapter is not None and self.catalog.load_failed(call.adapter, message):
+            kind = "adapter_load_failed"  # an engine without typed failures
+        if kind == "adapter_load_failed":
+            logger.warning("adapter %s could not be loaded: %s", call.adapter, message)
+            return APIError(400, f"adapter {call.adapter!r} could not be loaded: {message}", param="model",
                             code="adapter_load_failed")
-        return APIError(500, f"generation failed: {error}", code="engine_error")
+        if kind == "unknown_adapter":
+            return self.unknown_model(call.model)
+        if kind == "invalid_request":
+            return APIError(400, message, code="invalid_request")
+        logger.error("request for %s failed in the engine (%s): %s", call.model, kind or "error", message)
+        return APIError(500, f"generation failed: {message}", code=kind or "engine_error")
 
-    def sampling(self, req: schemas._SamplingFields, default_max: int, max_tokens: int | None) -> SamplingParams:
+    def prepare(self, endpoint: str, model: str, adapter: str | None, spec: Spec, default_max: int) -> GenerationCall:
+        """Token ids, context-length checks, the structured-output constraint, the engine params.
+
+        Runs off the event loop (tokenizing, chat template, grammar compile)."""
+        if endpoint == "chat":
+            prompts: list[Any] = [_chat_prompt(self.tokenizer, spec.messages)]
+        else:
+            prompts = [self._encode(p) for p in spec.prompts]
+        limit = _context_limit(self.engine)
+        constraint = self.structured.factory(spec.response_format) if spec.response_format is not None else None
+        params, fanout = [], spec.n > 1 and not _engine_forks_n()
+        for ids in prompts:
+            max_tokens = spec.max_tokens if spec.max_tokens is not None else default_max
+            if limit is not None and isinstance(ids, list):
+                left = limit - len(ids)
+                if spec.max_tokens is not None and spec.max_tokens > left or left < 1:
+                    what = "messages" if endpoint == "chat" else "prompt"
+                    param = "max_completion_tokens" if endpoint == "chat" else "max_tokens"
+                    raise APIError(400, f"This model's maximum context length is {limit} tokens. However, you requested "
+                                   f"{len(ids) + max_tokens} tokens ({len(ids)} in the {what}, {max_tokens} for the "
+                                   f"completion). Please reduce the length of the {what} or completion.",
+                                   param=param if left >= 1 else ("messages" if endpoint == "chat" else "prompt"),
+                                   code="context_length_exceeded")
+                max_tokens = min(max_tokens, left)  # the default: whatever the context leaves
+            params.append(self.sampling(spec, max_tokens, constraint, 1 if fanout else spec.n))
+        echo = None
+        if spec.echo:
+            echo = [p if isinstance(p, str) else self._decode(ids) for p, ids in zip(spec.prompts, prompts)]
+        return GenerationCall(endpoint, model, adapter, prompts, params, spec.n, fanout, spec.stream,
+                              spec.include_usage, echo, spec.logprobs, spec.prompt_logprobs is not None)
+
+    def _encode(self, prompt: str | list[int]) -> str | list[int]:
+        if isinstance(prompt, list) or self.tokenizer is None:
+            return prompt
         try:
-            return SamplingParams(
-                max_tokens=max_tokens if max_tokens is not None else default_max,
-                temperature=1.0 if req.temperature is None else req.temperature,  # the OpenAI default
-                top_p=1.0 if req.top_p is None else req.top_p,
-                top_k=req.top_k if req.top_k not in (None, -1) else 0,  # vLLM's -1 = off
-                seed=req.seed,
-                stop=schemas.stop_list(req.stop),
-                stop_token_ids=list(req.stop_token_ids or []),
-                ignore_eos=bool(req.ignore_eos),
-            )
-        except RequestRejected as exc:  # the engine's own checks, where stricter than schemas.check_sampling
+            return list(self.tokenizer(prompt)["input_ids"])
+        except Exception as exc:  # noqa: BLE001 - any text the tokenizer cannot take is the client's
+            raise APIError(400, f"the tokenizer cannot encode this prompt: {type(exc).__name__}: {exc}",
+                           param="prompt", code="invalid_text") from None
+
+    def _decode(self, ids: Any) -> str:
+        if self.tokenizer is None:
+            return ""
+        try:
+            return self.tokenizer.decode(ids, skip_special_tokens=False)
+        except Exception:  # noqa: BLE001 - ids out of the vocabulary: the engine refuses them next
+            return ""
+
+    def sampling(self, spec: Spec, max_tokens: int, constraint: Any, n: int) -> SamplingParams:
+        options: dict[str, Any] = {}
+        if n > 1:
+            options["n"] = n
+        if spec.logprobs is not None:
+            options["logprobs"] = spec.logprobs
+        if spec.prompt_logprobs is not None:
+            options["prompt_logprobs"] = spec.prompt_logprobs
+        if spec.logit_bias:
+            options["logit_bias"] = dict(spec.logit_bias)
+        if constraint is not None:
+            options["constraint"] = constraint
+        missing = [k for k in options if k not in getattr(SamplingParams, "__dataclass_fields__", {})]
+        if missing:
+            raise APIError(400, f"{missing[0]} is not supported by this engine", param=missing[0],
+                           code="unsupported_parameter")
+        try:
+            return SamplingParams(max_tokens=max_tokens, temperature=spec.temperature, top_p=spec.top_p,
+                                  top_k=spec.top_k, seed=spec.seed, stop=tuple(spec.stop),
+                                  stop_token_ids=tuple(spec.stop_token_ids), ignore_eos=spec.ignore_eos, **options)
+        except RequestRejected as exc:  # the engine's own checks, where stricter than validation.py
             raise APIError(400, str(exc), code="invalid_parameter") from None
 
-    def submit(self, call: GenerationCall) -> Any:
-        """Hand the request to the engine, translating its refusals into HTTP errors."""
+    def _submit_all(self, call: GenerationCall) -> list[Source]:
+        """Hand every engine request of ``call`` over (all or none), translating refusals into HTTP errors."""
         if self.closing:
             raise APIError(503, "server is shutting down", code="shutting_down", headers={"Retry-After": "5"})
+        sources: list[Source] = []
         try:
-            return self.engine.submit(call.prompt, adapter=call.adapter, params=call.params)
+            for p, (prompt, params) in enumerate(zip(call.prompts, call.params)):
+                for i in range(call.n if call.fanout else 1):
+                    sp = params
+                    if call.fanout and params.seed is not None:
+                        sp = dataclasses.replace(params, seed=params.seed + i)
+                    handle = self.engine.submit(prompt, adapter=call.adapter, params=sp)
+                    ids = prompt if isinstance(prompt, list) else []
+                    sources.append(Source(handle, p, p * call.n + i, getattr(handle, "prompt_tokens", len(ids)),
+                                          list(ids)))
+        except BaseException:
+            for src in sources:
+                src.handle.cancel()
+            raise
+        return sources
+
+    def submit(self, call: GenerationCall) -> list[Source]:
+        try:
+            return self._submit_all(call)
         except UnknownAdapterError:  # unloaded between the check and the submit
             raise self.unknown_model(call.model) from None
         except EngineOverloaded as exc:
@@ -87,80 +182,128 @@ class ServerState:
             raise APIError(400, str(exc), code="request_rejected") from None
 
 
+def _engine_forks_n() -> bool:
+    """Whether the engine runs ``n`` sequences itself (prefill once, KV forked); until it does, the
+    server submits one request per choice with seed + i, which gives the same answers."""
+    from ..engine import request as engine_request
+
+    return hasattr(engine_request, "Sequence")
+
+
+def _context_limit(engine: Any) -> int | None:
+    limits = [v for v in (getattr(engine, "max_context", None), getattr(engine, "max_kv_tokens", None))
+              if isinstance(v, int)]
+    return min(limits) if limits else None
+
+
+def _vocab_size(engine: Any, tokenizer: Any) -> int | None:
+    config = getattr(getattr(engine, "model", None), "config", None)
+    size = getattr(config, "vocab_size", None)
+    if isinstance(size, int):
+        return size
+    return len(tokenizer) if tokenizer is not None else None
+
+
+class _SafeRoute(APIRoute):
+    """A fault of ours inside a route is a logged 500 answered on a connection that stays open.
+
+    (Starlette's ServerErrorMiddleware would answer and then re-raise, so uvicorn closes the
+    keep-alive connection and a pooled client's next request is reset.)"""
+
+    def get_route_handler(self) -> Callable:
+        handler = super().get_route_handler()
+
+        async def safe(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except (APIError, RequestValidationError, StarletteHTTPException):
+                raise
+            except Exception:  # noqa: BLE001
+                logger.exception("internal error on %s %s", request.method, request.url.path)
+                return error_response(500, "internal server error; the server log has the details", code="internal_error")
+
+        return safe
+
+
+_SSE = {"text/event-stream": {"schema": {"type": "string", "description": "with stream: true"}}}
+_TEXT = {200: {"content": {"text/plain": {"schema": {"type": "string"}}}}}
+
+
 def create_app(engine: Any, tokenizer: Any = None, config: ServerConfig | None = None, *, registry: Any = None,
                **options: Any) -> FastAPI:
     """Build the app around a started (or soon started) engine.
 
     ``config`` or keyword options (``base_name``, ``api_key``, ``allow_runtime_loading``,
     ``adapter_roots``, ``max_body_bytes``...; see ServerConfig). The tokenizer defaults to
-    ``engine.tokenizer`` and is used only for the chat template; the registry defaults to
-    ``engine.registry`` and is where runtime-loaded adapters are registered.
+    ``engine.tokenizer`` (prompts are tokenized here, so that context limits are checked before
+    submitting); the registry defaults to ``engine.registry`` and is where runtime-loaded adapters
+    are registered. ``/openapi.json`` and ``/docs`` describe every route.
     """
     if config is None:
         config = ServerConfig(**options)
     elif options:
         raise TypeError("pass either config or keyword options, not both")
     state = ServerState(engine, tokenizer, config, registry)
-    app = FastAPI(title="loramux", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="loramux", version=_version(), docs_url="/docs", redoc_url=None, openapi_url="/openapi.json",
+                  description="OpenAI-compatible completions and chat over one base model and many LoRA adapters.")
+    app.router.route_class = _SafeRoute
     app.state.loramux = state
     install_error_handlers(app)
     app.add_middleware(GateMiddleware, max_bytes=config.max_body_bytes, api_key=config.api_key,
                        errors=state.metrics.errors)
 
-    @app.get("/health")
+    @app.get("/health", response_model=schemas.Health, responses={503: {"model": schemas.Health}})
     async def health() -> Response:
         if state.closing:
             return JSONResponse({"status": "shutting_down"}, status_code=503)
         return JSONResponse({"status": "ok"})
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=Response, responses=_TEXT)
     async def metrics() -> Response:
         return Response(state.metrics.render(), media_type=CONTENT_TYPE)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", response_model=schemas.ModelList, responses=schemas.ERRORS)
     async def list_models() -> Response:
         return JSONResponse({"object": "list", "data": state.catalog.model_cards()})
 
-    @app.get("/v1/models/{model_id:path}")
+    @app.get("/v1/models/{model_id:path}", response_model=schemas.ModelCard, responses=schemas.ERRORS)
     async def get_model(model_id: str) -> Response:
         for card in state.catalog.model_cards():
             if card["id"] == model_id:
                 return JSONResponse(card)
         raise state.unknown_model(model_id)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", response_model=schemas.CompletionResponse,
+              responses={**schemas.ERRORS, 200: {"content": _SSE}})
     async def completions(body: schemas.CompletionRequest, request: Request) -> Response:
-        prompt = schemas.check_completion(body, max_stop=config.max_stop_sequences)
-        call = GenerationCall("completions", body.model, state.adapter_for(body.model), prompt,
-                              state.sampling(body, config.default_max_tokens, body.max_tokens),
-                              bool(body.stream), bool(body.stream_options and body.stream_options.include_usage))
-        return await run_generation(state, request, call, lambda: state.submit(call))
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(body: schemas.ChatCompletionRequest, request: Request) -> Response:
-        messages = schemas.check_chat(body, max_stop=config.max_stop_sequences)
+        spec = validation.check_completion(body, max_stop=config.max_stop_sequences)
         adapter = state.adapter_for(body.model)
-        prompt = await asyncio.to_thread(_chat_prompt, state.tokenizer, messages)  # jinja + tokenizing: off the loop
-        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        call = GenerationCall("chat", body.model, adapter, prompt,
-                              state.sampling(body, config.default_chat_max_tokens, max_tokens),
-                              bool(body.stream), bool(body.stream_options and body.stream_options.include_usage))
-        return await run_generation(state, request, call, lambda: state.submit(call))
+        call = await asyncio.to_thread(state.prepare, "completions", body.model, adapter, spec, config.default_max_tokens)
+        return await run_generation(state, request, call)
 
-    @app.post("/v1/load_lora_adapter")
+    @app.post("/v1/chat/completions", response_model=schemas.ChatCompletionResponse,
+              responses={**schemas.ERRORS, 200: {"content": _SSE}})
+    async def chat_completions(body: schemas.ChatCompletionRequest, request: Request) -> Response:
+        spec = validation.check_chat(body, max_stop=config.max_stop_sequences)
+        adapter = state.adapter_for(body.model)
+        call = await asyncio.to_thread(state.prepare, "chat", body.model, adapter, spec, config.default_chat_max_tokens)
+        return await run_generation(state, request, call)
+
+    @app.post("/v1/load_lora_adapter", response_class=PlainTextResponse, responses={**schemas.ERRORS, **_TEXT})
     async def load_lora_adapter(body: schemas.LoadLoraRequest) -> Response:
         _require_runtime_loading(config)
         name = _check_lora_name(body.lora_name, config)
+        validation.check_text(body.lora_path, "lora_path")
         real = resolve_inside_roots(body.lora_path, config.adapter_roots)
         try:
-            await state.catalog.load(name, real)
+            await state.catalog.load(name, real, inplace=bool(body.load_inplace))
         except APIError:
             state.metrics.runtime_loads.labels("load", "error").inc()
             raise
         state.metrics.runtime_loads.labels("load", "ok").inc()
         return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
 
-    @app.post("/v1/unload_lora_adapter")
+    @app.post("/v1/unload_lora_adapter", response_class=PlainTextResponse, responses={**schemas.ERRORS, **_TEXT})
     async def unload_lora_adapter(body: schemas.UnloadLoraRequest) -> Response:
         _require_runtime_loading(config)
         name = _check_lora_name(body.lora_name, config)
@@ -173,6 +316,15 @@ def create_app(engine: Any, tokenizer: Any = None, config: ServerConfig | None =
         return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
 
     return app
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("loramux")
+    except Exception:  # noqa: BLE001 - not installed (a source checkout)
+        return "0"
 
 
 def _require_runtime_loading(config: ServerConfig) -> None:

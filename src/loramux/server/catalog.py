@@ -73,27 +73,36 @@ class Catalog:
         return kind in loader_kinds | {"FileNotFoundError", "OSError", "SafetensorError", "HeaderTooLarge"}
 
     # -- runtime loading --------------------------------------------------------------------------
-    async def load(self, name: str, real_path: str) -> None:
-        """Validate the adapter at ``real_path`` (read it fully, off the event loop), then register it."""
-        await asyncio.to_thread(self._load, name, real_path)
+    async def load(self, name: str, real_path: str, inplace: bool = False) -> None:
+        """Validate the adapter at ``real_path`` fully (off the event loop), then register it.
 
-    def _load(self, name: str, real_path: str) -> None:
+        ``inplace`` re-points an existing name (vLLM's ``load_inplace``): requests already running
+        keep the old weights (their pins hold the old copy), later ones get the new ones.
+        """
+        await asyncio.to_thread(self._load, name, real_path, inplace)
+
+    def _load(self, name: str, real_path: str, inplace: bool = False) -> None:
         with self._lock:
-            if self.has(name):
-                raise APIError(400, f"adapter {name!r} is already loaded; unload it first or choose another name",
-                               param="lora_name", code="adapter_exists")
-            if self._still_resident(name):
+            exists = self.has(name)
+            if exists and not inplace:
+                raise APIError(400, f"adapter {name!r} is already loaded; unload it first, pass load_inplace: true "
+                               "to swap its weights, or choose another name", param="lora_name", code="adapter_exists")
+            if not exists and self._still_resident(name):
                 raise APIError(409, f"adapter {name!r} was unloaded but its old weights are still resident until the "
                                "cache evicts them; load it under another name", param="lora_name",
                                code="adapter_still_resident")
             self._validate(real_path)
             try:
+                same_path = exists and self.path_of(name) == real_path
                 self.registry.register(name, real_path)
+                if same_path:  # same directory, new files: the resident copy is stale all the same
+                    self.registry.reload(name)
             except Exception as exc:
                 raise APIError(400, f"cannot register adapter {name!r}: {exc}", param="lora_name",
                                code="invalid_adapter") from None
-            self._runtime.add(name)
-            logger.info("runtime-loaded adapter %s from %s", name, real_path)
+            if not exists:
+                self._runtime.add(name)
+            logger.info("runtime-%s adapter %s from %s", "reloaded" if exists else "loaded", name, real_path)
 
     def _still_resident(self, name: str) -> bool:
         cache = getattr(self.engine, "cache", None)
@@ -103,16 +112,26 @@ class Catalog:
             return False
 
     def _validate(self, real_path: str) -> None:
+        """What the engine's first use would check: the files, and (with a real model) the shapes
+        against the base (``MultiLoraModel.check_adapter``), keeping nothing resident."""
         from ..adapter import read_adapter  # lazy: torch
-        from ..errors import AdapterError
+        from ..errors import AdapterError, AdapterNotFoundError
 
+        allow_pickle = getattr(self.config, "allow_pickle", False)
+        model = getattr(self.engine, "model", None)
         try:
-            read_adapter(real_path, allow_pickle=getattr(self.config, "allow_pickle", False))
+            if hasattr(model, "check_adapter"):
+                model.check_adapter(real_path, allow_pickle=allow_pickle)
+            else:
+                read_adapter(real_path, allow_pickle=allow_pickle)
+        except AdapterNotFoundError as exc:
+            raise APIError(404, f"no adapter at {real_path!r}: {exc}", param="lora_path",
+                           code="adapter_not_found") from None
         except AdapterError as exc:
             raise APIError(400, f"invalid adapter at {real_path!r}: {exc}", param="lora_path",
                            code="invalid_adapter") from None
-        except (OSError, ValueError) as exc:
-            raise APIError(400, f"cannot read adapter at {real_path!r}: {exc}", param="lora_path",
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise APIError(400, f"cannot read adapter at {real_path!r}: {type(exc).__name__}: {exc}", param="lora_path",
                            code="invalid_adapter") from None
 
     async def unload(self, name: str) -> None:

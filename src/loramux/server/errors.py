@@ -4,16 +4,18 @@ OpenAI clients parse ``{"error": {"message", "type", "param", "code"}}`` and rai
 exception per status (``NotFoundError`` for 404, ``AuthenticationError`` for 401...), so the
 status matters as much as the body. Policy:
 
-- 400: a value out of range or a request the engine refuses (prompt longer than the context);
-  also a body that is not JSON at all;
+- 400: a value out of range, a request the engine refuses (prompt longer than the context), JSON of
+  the wrong shape (missing field, wrong type: ``param`` names the field, as OpenAI and vLLM answer,
+  not FastAPI's 422), and a body that is not JSON at all;
 - 401: missing or wrong API key; 403: runtime loading while it is switched off;
 - 404: unknown model (the message lists the available ones) or route;
-- 413: body larger than the limit; 422: JSON of the wrong shape (missing field, wrong type);
+- 413: body larger than the limit;
 - 503: engine queue full or shutting down (with ``Retry-After``);
 - 500: only for faults of the server itself; logged with the traceback, which never leaves it.
 """
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -66,26 +68,41 @@ def error_body(status: int, message: str, *, code: str | None = None, param: str
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
+class ErrorJSONResponse(JSONResponse):
+    """ASCII-escaped JSON: an error may quote client text holding a lone surrogate, which UTF-8 cannot encode."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+
+
 def error_response(status: int, message: str, **kwargs: Any) -> JSONResponse:
     headers = kwargs.pop("headers", None)
-    return JSONResponse(error_body(status, message, **kwargs), status_code=status, headers=headers)
+    return ErrorJSONResponse(error_body(status, message, **kwargs), status_code=status, headers=headers)
 
 
 def _describe_validation(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
-    """``[{'loc': ('body', 'messages', 0, 'role'), 'msg': ...}]`` -> ("messages.0.role: Field required", "messages")."""
+    """``[{'loc': ('body', 'messages', 0, 'role'), 'msg': ...}]`` -> ("messages.0.role: Field required", "messages.0.role").
+
+    Union members add their type to the location (``prompt.str``, ``prompt.list[int]``): dropped."""
     parts, first_param = [], None
     for err in errors[:5]:
-        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+        loc = [str(x) for x in err.get("loc", ()) if x != "body" and not _is_type_tag(x)]
         where = ".".join(loc) or "body"
-        first_param = first_param or (loc[0] if loc else None)
+        first_param = first_param or (where if loc else None)
         parts.append(f"{where}: {err.get('msg', 'invalid')}")
     more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
     return "; ".join(parts) + more, first_param
 
 
+def _is_type_tag(x: Any) -> bool:
+    return isinstance(x, str) and (x in {"str", "int", "float", "bool", "none"} or "[" in x or x.startswith("function-"))
+
+
 async def _on_api_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, APIError)
-    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+    if exc.status < 500:
+        logger.info("%s %s -> %d: %s", request.method, request.url.path, exc.status, exc.message[:300])
+    return ErrorJSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
 
 async def _on_validation_error(request: Request, exc: Exception) -> JSONResponse:
@@ -95,7 +112,7 @@ async def _on_validation_error(request: Request, exc: Exception) -> JSONResponse
         return error_response(400, "request body is not valid JSON; send a JSON object with Content-Type: application/json",
                               code="invalid_json")
     message, param = _describe_validation(errors)
-    return error_response(422, f"invalid request body: {message}", code="invalid_body", param=param)
+    return error_response(400, f"invalid request body: {message}", code="invalid_body", param=param)
 
 
 async def _on_http_error(request: Request, exc: Exception) -> JSONResponse:

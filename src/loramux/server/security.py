@@ -36,8 +36,8 @@ def resolve_inside_roots(path: str, roots: tuple[str, ...]) -> str:
     """Return the real path of ``path`` if it lies inside one of ``roots`` (already real paths).
 
     A relative ``path`` is taken relative to each root in turn. Raises APIError(400) when the path
-    escapes every root (``..``, an absolute path elsewhere, a symlink pointing out) or does not
-    exist; the message names the roots so the client knows what is allowed.
+    escapes every root (``..``, an absolute path elsewhere, a symlink pointing out), 404 when
+    it does not exist; the message names the roots so the client knows what is allowed.
     """
     if not path or "\x00" in path:
         raise APIError(400, "lora_path is empty or holds a NUL byte", param="lora_path", code="invalid_path")
@@ -52,9 +52,12 @@ def resolve_inside_roots(path: str, roots: tuple[str, ...]) -> str:
         if real in inside:  # the root itself is a catalogue, not an adapter
             raise APIError(400, f"lora_path {path!r} is an adapter root itself; name one of its sub-directories",
                            param="lora_path", code="invalid_path")
+        if not os.path.exists(real):
+            raise APIError(404, f"lora_path {path!r} does not exist inside the adapter root",
+                           param="lora_path", code="adapter_not_found")
         if not os.path.isdir(real):
             raise APIError(400, f"lora_path {path!r} is not a directory inside the adapter root",
-                           param="lora_path", code="adapter_not_found")
+                           param="lora_path", code="invalid_path")
         return real
     assert escaped
     allowed = ", ".join(roots) if roots else "(none configured)"
