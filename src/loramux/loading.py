@@ -135,3 +135,10 @@ def _plan_modules_to_save(adapter: AdapterFile, base_modules: dict[str, nn.Modul
         except RuntimeError as exc:
             raise AdapterWeightsError(f"{source}: modules_to_save {owner!r} does not fit the base module: {exc}") from exc
         plan.modules_to_save[owner] = module_copy.requires_grad_(False)
+    for target in adapter.config.modules_to_save or ():
+        matched = [m for m in base_modules if m == target or m.endswith("." + target)]
+        if matched and not any(m in states for m in matched):
+            # PEFT would warn about missing keys and serve the base layer: silent wrong output
+            raise AdapterWeightsError(
+                f"{source}: modules_to_save lists {target!r} (base module {matched[0]!r}) but the file holds no "
+                "weights for it; re-save the adapter with that module's weights, or drop it from modules_to_save")

@@ -130,6 +130,15 @@ class MultiLoraModel(nn.Module):
         logger.info("loaded adapter %r from %s: %d modules, %.1f MB", name, path, len(plan.lora), info.nbytes / 1e6)
         return info
 
+    def check_adapter(self, path: str | Path, allow_pickle: bool = False) -> LoadPlan:
+        """Every check ``load_adapter`` runs (``read_adapter`` + ``plan_load`` against this base), nothing kept.
+
+        The server's ``/v1/load_lora_adapter`` answers 200 only after this passed, so an adapter shaped
+        for another model is refused at once instead of failing every later request. The returned plan
+        is the caller's to drop; no slot, wrapper or name of this model changes.
+        """
+        return plan_load(read_adapter(path, allow_pickle=allow_pickle), self._originals)
+
     def _check_new_name(self, name: str, replace: bool) -> None:
         if not isinstance(name, str) or not name or name == BASE_ADAPTER:
             raise AdapterNamesError(f"adapter_name {name!r} is not allowed; use a non-empty name other than {BASE_ADAPTER!r}")

@@ -56,6 +56,12 @@ class AdapterRegistry:
         if old is not None and old != path:
             self._changed(name)
 
+    def reload(self, name: str) -> None:
+        """The files of ``name`` changed in place: listeners drop the resident copy once it is unused
+        (running requests finish on it), so the next use reads the new files."""
+        self.path_of(name)  # UnknownAdapterError if it is not known
+        self._changed(name)
+
     def unregister(self, name: str) -> None:
         """Forget ``name``: new requests for it are refused, and a resident copy leaves once unused."""
         with self._lock:
