@@ -12,10 +12,6 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "server"))  # srv_tiny
 
-pytestmark = pytest.mark.ray
-ray = pytest.importorskip("ray")
-serve = pytest.importorskip("ray.serve")
-
 N_ADAPTERS = 4
 KEY = "sk-ray-test"
 
@@ -63,6 +59,8 @@ def options_for(world) -> dict:
 @pytest.fixture(scope="module")
 def ray_serve(ray_world):
     """Ray (2 logical CPUs, no dashboard) + the app with 2 engine replicas of 1 thread each; base URL."""
+    ray = pytest.importorskip("ray")
+    serve = pytest.importorskip("ray.serve")
     from loramux.ray import build_app
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

@@ -53,7 +53,7 @@ class Fleet:
         with self._lock:
             items = sorted(self._replicas.items())
             served = dict(self.served)
-        return [{"replica": name, "pid": s.pid, "node": s.node, "resident_adapters": list(s.resident),
+        return [{"replica": name, "pid": s.pid, "node": s.node, "adapters": list(s.resident),
                  "requests": served.get(name, 0), "seconds_since_report": round(now - seen, 3),
                  **{k: s.engine.get(k) for k in _SUMMED if k in s.engine}} for name, (seen, s) in items]
 
@@ -90,7 +90,7 @@ class FleetCollector(Collector):
                                        labels=["replica"])
         for row in rows:
             requests.add_metric([row["replica"]], float(row["requests"]))
-            for adapter in row["resident_adapters"]:
+            for adapter in row["adapters"]:
                 resident.add_metric([row["replica"], adapter], 1.0)
         yield resident
         yield requests
