@@ -209,3 +209,70 @@ def test_embeddings_that_cannot_route_per_row_are_refused_at_load(tmp_path):
         with pytest.raises(TargetModuleError, match=message):
             m.load_adapter(path, adapter_name="x")
         assert not m.adapters and not m._wrappers  # nothing changed
+
+
+# ---------------------------------------------------------------- vision-language model (issue 10 item 3)
+IMAGE_TOKEN = VOCAB - 1
+
+
+def tiny_llava():
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    torch.manual_seed(0)
+    cfg = LlavaConfig(vision_config=CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                                     image_size=8, patch_size=4, projection_dim=16),
+                      text_config=LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                              num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, bos_token_id=1,
+                                              eos_token_id=2),
+                      image_token_index=IMAGE_TOKEN, projector_hidden_act="gelu", vision_feature_layer=-1)
+    return LlavaForConditionalGeneration(cfg).eval()
+
+
+def _llava_batch():
+    """3 rows, images (4 tokens each, 8x8 pixels) in rows 0 and 2 only: pixel_values has 2 entries, not 3."""
+    g = torch.Generator().manual_seed(11)
+    ids = torch.randint(3, VOCAB - 5, (3, 9), generator=g)
+    ids[0, 1:5] = IMAGE_TOKEN
+    ids[2, 3:7] = IMAGE_TOKEN
+    return ids, torch.randn(2, 3, 8, 8, generator=g), {0: 0, 2: 1}
+
+
+def test_llava_language_model_adapters_whatever_rows_carry_images(tmp_path):
+    from lora_fixtures import peft_oracle
+
+    base = tiny_llava()
+    paths = {"lm": make_adapter(base, tmp_path / "lm", seed=31, r=4, lora_alpha=16,
+                                target_modules=r".*language_model.*\.(q_proj|v_proj|down_proj)"),
+             "head": make_adapter(base, tmp_path / "head", seed=32, r=2, lora_alpha=16,
+                                  target_modules=r"(.*language_model.*\.o_proj|lm_head)")}
+    m = MultiLoraModel(copy.deepcopy(base))
+    for name, path in paths.items():
+        m.load_adapter(path, adapter_name=name)
+    ids, pixels, image_of_row = _llava_batch()
+    for rows in (["lm", "head", "__base__"], ["__base__", "lm", "head"], ["lm", "lm", "lm"]):
+        with torch.no_grad():
+            mixed = m(input_ids=ids, pixel_values=pixels, adapter_names=rows).logits
+            for i, name in enumerate(rows):
+                kw = {"pixel_values": pixels[image_of_row[i]:image_of_row[i] + 1]} if i in image_of_row else {}
+                model = base if name == "__base__" else peft_oracle(base, {name: paths[name]})
+                expected = model(input_ids=ids[i:i + 1], **kw).logits
+                torch.testing.assert_close(mixed[i:i + 1], expected, atol=1e-5, rtol=0, msg=lambda s: f"{rows} row {i}: {s}")
+    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=None)
+    batch = m.generate(input_ids=ids, pixel_values=pixels, adapter_names=["lm", "__base__", "head"], **kw)[:, ids.shape[1]:]
+    for i, name in enumerate(["lm", "__base__", "head"]):
+        extra = {"pixel_values": pixels[image_of_row[i]:image_of_row[i] + 1]} if i in image_of_row else {}
+        solo = m.generate(input_ids=ids[i:i + 1], adapter_names=[name], **extra, **kw)[0, ids.shape[1]:]
+        assert batch[i].tolist() == solo.tolist(), (i, name)
+
+
+@pytest.mark.parametrize("targets,tower", [(["q_proj", "v_proj"], "model.vision_tower"),
+                                           (r".*multi_modal_projector\.linear_1", "model.multi_modal_projector")])
+def test_llava_adapters_on_the_vision_tower_or_projector_are_refused_at_load(tmp_path, targets, tower):
+    from loramux import TargetModuleError
+
+    base = tiny_llava()
+    m = MultiLoraModel(copy.deepcopy(base))
+    path = make_adapter(base, tmp_path / "v", r=2, target_modules=targets)
+    with pytest.raises(TargetModuleError, match=rf"part of '{tower}', a vision/audio tower or projector"):
+        m.load_adapter(path, adapter_name="v")
+    assert not m.adapters and not m._wrappers
