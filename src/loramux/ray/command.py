@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
 
     stop = threading.Event()
-    previous = {sig: signal.signal(sig, lambda s, f: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous: dict[int, Any] = {}
     started_ray = args.ray_address is None
     try:
         if started_ray:
@@ -64,6 +64,8 @@ def run(args: argparse.Namespace) -> int:
             ray.init(num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING)
         else:
             ray.init(address=args.ray_address, logging_level=logging.WARNING)
+        # after ray.init, which installs a C++ SIGTERM handler that aborts the process (exit -6)
+        previous = {sig: signal.signal(sig, lambda s, f: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
         serve.start(http_options={"host": args.host, "port": args.port})
         if stop.is_set():
             return 0

@@ -1,0 +1,68 @@
+"""``loramux serve --replicas N`` as a user runs it: a subprocess that starts (and on SIGTERM shuts down)
+its own local Ray instance; ``--replicas 1`` stays the plain single process without Ray."""
+from __future__ import annotations
+
+import signal
+
+import httpx
+import psutil
+import pytest
+
+from conftest import wait_for
+from srv_process import ServerProcess
+
+pytestmark = pytest.mark.ray
+
+
+def _tree(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _is_ray(p: psutil.Process) -> bool:
+    try:
+        text = " ".join([p.name(), *p.cmdline()])
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+    return any(word in text for word in ("raylet", "gcs_server", "ray::", "ray/_private", "default_worker"))
+
+
+def test_replicas_2_serves_through_ray_and_sigterm_leaves_no_ray_process(ray_world, tmp_path):
+    pytest.importorskip("ray")
+    args = ["--replicas", "2", "--threads", "1", "--base", str(ray_world["base"]),
+            "--adapter-root", str(ray_world["root"]), "--max-loaded-adapters", "4", "--log-level", "warning"]
+    server = ServerProcess(args, tmp_path / "serve.log", startup_timeout=300)
+    try:
+        seen = set()
+        for model in ("a0", "a1", "a2", "a3"):
+            r = httpx.post(server.url + "/v1/completions", json={"model": model, "prompt": "hello", "max_tokens": 4,
+                                                                 "temperature": 0}, timeout=120)
+            assert r.status_code == 200, r.text
+            seen.add(r.headers["x-loramux-replica"])
+        assert len(seen) == 2, seen  # four adapters spread over both replicas
+        started = [p for p in _tree(server.proc.pid) if _is_ray(p)]
+        assert started, "no Ray process under loramux serve --replicas 2"
+    finally:
+        code = server.stop(signal.SIGTERM, timeout=120)
+    assert code == 0, server.log()
+
+    def all_gone() -> bool:
+        return not [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+    wait_for(all_gone, 60, "every Ray process started by loramux serve to exit")
+
+
+def test_replicas_1_is_the_plain_process_without_ray(ray_world, tmp_path):
+    args = ["--replicas", "1", "--threads", "1", "--base", str(ray_world["base"]), "--adapter-root",
+            str(ray_world["root"]), "--log-level", "warning"]
+    server = ServerProcess(args, tmp_path / "serve1.log")
+    try:
+        r = httpx.post(server.url + "/v1/completions", json={"model": "a0", "prompt": "hello", "max_tokens": 2},
+                       timeout=60)
+        assert r.status_code == 200, r.text
+        assert "x-loramux-replica" not in r.headers  # the plain server: no Ray, no replicas
+        assert not [p for p in _tree(server.proc.pid) if _is_ray(p)]
+    finally:
+        assert server.stop(signal.SIGTERM) == 0, server.log()
