@@ -72,7 +72,7 @@ def test_eviction_never_touches_an_adapter_in_use(llama_model, registry):
         for req in engine.scheduler.running:
             assert req.adapter in llama_model.adapters
             assert engine.cache.pins(req.adapter) > 0
-        adapters = [r.adapter for r in engine._rows]  # decode rows stay grouped by adapter
+        adapters = [r.adapter for r in engine.batch.rows]  # decode rows stay grouped by adapter
         assert len([a for i, a in enumerate(adapters) if i == 0 or a != adapters[i - 1]]) == len(set(adapters))
         assert len(llama_model.adapters) <= 1
     assert all(h.finished for h in handles), "requests did not finish within 300 s"

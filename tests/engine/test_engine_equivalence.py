@@ -26,7 +26,7 @@ def _run_with_random_arrivals(engine, reqs, seed: int):
         handles.append(engine.submit(prompt, adapter, SamplingParams(max_tokens=n, temperature=0.0)))
         for _ in range(rng.randrange(0, 4)):
             engine.step()
-            adapters = [r.adapter for r in engine._rows]  # rows stay grouped by adapter
+            adapters = [r.adapter for r in engine.batch.rows]  # rows stay grouped by adapter
             assert sum(i == 0 or a != adapters[i - 1] for i, a in enumerate(adapters)) == len(set(adapters))
     return run_all(engine, handles)
 

@@ -4,15 +4,12 @@ One step (``Engine.step``):
 
 1. take new submissions and cancellations from the inbox (the only state shared with callers);
 2. the scheduler admits what fits and starts adapter loads (``scheduler.py``);
-3. prefill newcomers, at most ``prefill_chunk`` prompt tokens this step (a long prompt is cut
-   into chunks over several steps), so running decodes never wait for more than one chunk;
-   a request whose prompt is done samples its first token and joins the running batch;
-4. one decode forward for every running row, whatever its adapter (``adapter_names`` per row);
-   sample; stream deltas; finished rows leave the KV cache at once.
+3. the stepper (``step.py``) prefills newcomers (prefix cache first, then chunks) and runs one decode
+   forward for every row of the decode batch (``batch.py``), whatever its adapter.
 
-Decode rows stay grouped by adapter (contiguous blocks): the core's grouped LoRA path then works
-on slices, not gathers. Keeping them so costs one KV row copy per block when a sequence joins or
-leaves, never a copy of the whole cache (``kv.py``).
+Everything after the inbox belongs to the engine thread alone. A fault is confined to what it
+concerns: a row's own work fails that request, a shared forward fails the requests in it, and an
+unexpected error in the step fails the requests held at that moment; the loop keeps serving.
 """
 from __future__ import annotations
 
@@ -26,21 +23,19 @@ import torch
 
 from loramux import cpu_kernel
 from loramux.cache import AdapterCache, AdapterRegistry
-from loramux.engine import grouped_rows
 from loramux.engine import kv as kvops
-from loramux.engine.detokenize import IncrementalText
 from loramux.engine.failures import Failure, FailureKind, describe
-from loramux.openmp import release_thread_pool
+from loramux.engine.prefix_cache import PrefixCache
 from loramux.engine.request import (EngineOverloaded, Request, RequestHandle, RequestOutput, RequestRejected,
-                                    SamplingParams)
-from loramux.engine.sampling import make_generator, sample_next
+                                    SamplingParams, Sequence as Seq)
 from loramux.engine.scheduler import Scheduler
+from loramux.engine.step import ABORTED, Stepper
+from loramux.openmp import release_thread_pool
 from loramux.errors import UnknownAdapterError
 from loramux.model import BASE_ADAPTER
 
 logger = logging.getLogger(__name__)
 _counter = itertools.count(1)
-_ABORTED = Failure(FailureKind.ABORTED, "cancelled before it finished")
 
 
 class Engine:
@@ -50,13 +45,15 @@ class Engine:
     (each reserves prompt + max new tokens when admitted, so a running request never runs out);
     ``max_waiting`` queued requests; ``max_context`` tokens per sequence (default: the model's
     ``max_position_embeddings``). Adapters: ``max_loaded_adapters`` / ``max_adapter_bytes``
-    resident, loaded from ``registry`` on first use (see ``loramux.cache``).
+    resident, loaded from ``registry`` on first use (see ``loramux.cache``). ``prefix_cache_bytes``:
+    prompt KV kept for reuse by later requests with the same adapter load and leading tokens (0 = off).
     """
 
     def __init__(self, model: Any, tokenizer: Any = None, *, registry: AdapterRegistry | None = None,
                  max_running: int = 16, max_kv_tokens: int = 16384, max_loaded_adapters: int | None = 32,
                  max_adapter_bytes: int | None = None, max_waiting: int = 1024, prefill_chunk: int = 256,
-                 max_context: int | None = None, host_cache_bytes: int | None = None) -> None:
+                 max_context: int | None = None, host_cache_bytes: int | None = None,
+                 prefix_cache_bytes: int = 256 * 2**20) -> None:
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1 token, got {prefill_chunk}")
         self.model, self.tokenizer = model, tokenizer
@@ -75,14 +72,22 @@ class Engine:
         self._inbox: list[Request] = []
         self._cancels: set[str] = set()
         self._handles: dict[str, Request] = {}  # live requests by id (engine thread + submit under _wake)
-        self._prefilling: list[Request] = []  # admitted, prompt not fully in the KV cache yet
-        self._rows: list[Request] = []  # the decode batch, row order = self._kv row order
-        self._kv: kvops.RowsKV | None = None
+        self.prefix_cache = PrefixCache(prefix_cache_bytes)
+        self._base_owner: object = object()  # prefix-cache owner of the plain base model
+        self._merged_seen: Any = None
         self._thread: threading.Thread | None = None
         self._closed = False
         self._stop = False
         self.counters = {"generated_tokens": 0, "prompt_tokens": 0, "steps": 0, "finished": 0,
                          "prefill_seconds": 0.0, "decode_seconds": 0.0}
+        self._stepper = Stepper(scheduler=self.scheduler, tokenizer=tokenizer, device=model.device,
+                                forward=self._forward, prepare=self._prepare, owner=self._owner, retire=self._retire,
+                                prefix_cache=self.prefix_cache, prefill_chunk=prefill_chunk, counters=self.counters)
+
+    @property
+    def batch(self):
+        """The decode batch (``batch.DecodeBatch``): rows, their KV and routing. Engine thread only."""
+        return self._stepper.batch
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> "Engine":
@@ -171,6 +176,11 @@ class Engine:
             if bad:
                 raise RequestRejected(f"logit_bias/stop_token_ids name token ids {bad[:5]} but this model's vocab has "
                                       f"{self._vocab} tokens (ids 0..{self._vocab - 1})")
+        seq_reserved = min(len(ids) + params.max_tokens, limit)
+        if params.n > self.scheduler.max_running or params.n * seq_reserved > self.max_kv_tokens:
+            raise RequestRejected(f"n={params.n} sequences of up to {seq_reserved} tokens each need {params.n} of "
+                                  f"max_running={self.scheduler.max_running} rows and {params.n * seq_reserved} of "
+                                  f"max_kv_tokens={self.max_kv_tokens}; lower n or max_tokens")
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self._eos)
         with self._wake:
             if self._closed:
@@ -180,9 +190,9 @@ class Engine:
             rid = request_id or f"req-{next(_counter)}"
             if rid in self._handles:
                 raise RequestRejected(f"request_id {rid!r} is already in use")
-            handle = RequestHandle(rid, adapter, len(ids), canceller=self._cancel)
-            req = Request(rid, adapter, ids, params, handle, kv_reserved=min(len(ids) + params.max_tokens, limit),
-                          stop_ids=frozenset(stop_ids))
+            handle = RequestHandle(rid, adapter, len(ids), canceller=self._cancel, n=params.n)
+            req = Request(rid, adapter, ids, params, handle, seq_reserved=seq_reserved, stop_ids=frozenset(stop_ids))
+            req.seqs = [Seq(req, i) for i in range(params.n)]
             self._handles[rid] = req
             self._inbox.append(req)
             self._wake.notify_all()
@@ -223,9 +233,9 @@ class Engine:
         """Counters for metrics: adapter cache, queue, batch and token totals."""
         with self._wake:
             waiting = len(self.scheduler.waiting) + len(self._inbox)
-        kv = self._kv
-        return {**self.cache.stats(), **self.counters, "running": len(self.scheduler.running), "waiting": waiting,
-                "kv_tokens_reserved": self.scheduler.kv_reserved, "kv_bytes": kv.nbytes() if kv is not None else 0}
+        return {**self.cache.stats(), **self.counters, **self.prefix_cache.stats(), "running": len(self.scheduler.running),
+                "running_sequences": self.scheduler.rows, "waiting": waiting,
+                "kv_tokens_reserved": self.scheduler.kv_reserved, "kv_bytes": self.batch.nbytes()}
 
     @staticmethod
     def _eos_ids(tokenizer: Any, model: Any) -> set[int]:
@@ -242,17 +252,19 @@ class Engine:
     def step(self) -> bool:
         """One iteration; returns False when nothing could run (only waiting on loads, or idle).
 
-        Any error inside fails the requests it concerns (all running ones, for a model error) and
-        leaves the engine serving; KV buffers are inference tensors, so everything runs in that mode.
+        KV buffers are inference tensors, so everything runs in that mode. The stepper confines the
+        faults it expects; anything else (a bug in the bookkeeping) fails the requests held at that
+        moment and leaves the engine serving.
         """
         with torch.inference_mode():
             try:
                 return self._step()
             except Exception as exc:  # noqa: BLE001 - never let one bad step kill the loop
-                logger.exception("engine step failed; failing its %d running requests", len(self.scheduler.running))
+                logger.exception("engine step failed; failing the requests it held")
+                failure = Failure(FailureKind.MODEL_ERROR, describe(exc))
+                self._stepper.fail_everything(failure)
                 for req in list(self.scheduler.running):
-                    self._finish(req, "error", failure=Failure(FailureKind.MODEL_ERROR, describe(exc)))
-                self._prefilling, self._rows, self._kv = [], [], None
+                    self._stepper.end(req, "error", failure)
                 return True
 
     def _step(self) -> bool:
@@ -265,16 +277,16 @@ class Engine:
         admitted, failed = self.scheduler.schedule()
         for req, exc in failed:
             kind = FailureKind.UNKNOWN_ADAPTER if isinstance(exc, UnknownAdapterError) else FailureKind.ADAPTER_LOAD_FAILED
-            self._finish(req, "error", failure=Failure(kind, describe(exc)), running=False)
-        self._prefilling.extend(admitted)
-        if not self._prefilling and not self._rows:
+            self._stepper.end(req, "error", Failure(kind, describe(exc)))
+        for req in admitted:
+            self._stepper.admit(req)
+        if not self._stepper.has_work():
             return False
         self.counters["steps"] += 1
         t0 = time.perf_counter()
-        joined = self._prefill()
-        self._join(joined)
+        self._stepper.prefill()
         t1 = time.perf_counter()
-        self._decode()
+        self._stepper.decode()
         self.counters["prefill_seconds"] += t1 - t0
         self.counters["decode_seconds"] += time.perf_counter() - t1
         return True
@@ -286,119 +298,42 @@ class Engine:
                 continue
             if req in self.scheduler.waiting:
                 self.scheduler.remove_waiting(req)
-                self._finish(req, "abort", failure=_ABORTED, running=False)
-            elif req in self._prefilling:
-                self._prefilling.remove(req)
-                req.kv_part = None
-                self._finish(req, "abort", failure=_ABORTED)
-            elif req in self._rows:
-                self._finish(req, "abort", failure=_ABORTED)
-                self._drop_rows([req])
-
-    def _forward(self, kv: kvops.RowsKV, input_ids: torch.Tensor, position_ids: torch.Tensor,
-                 adapters: list[str | None]) -> torch.Tensor:
-        """One forward through the model; returns the last position's logits (B, V).
-
-        input_ids, position_ids: (B, T); the cache mask grows by T columns first.
-        """
-        mask = kv.extend_mask(input_ids.shape[1], input_ids.device)  # (B, L + T)
-        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, past_key_values=kv,
-                         use_cache=True, adapter_names=[a or BASE_ADAPTER for a in adapters], logits_to_keep=1)
-        return out.logits[:, -1, :]  # (B, 1, V) -> (B, V)
-
-    def _prefill(self) -> list[Request]:
-        """Feed at most ``prefill_chunk`` prompt tokens (more when no decode waits); return finished prompts."""
-        budget = self.prefill_chunk if self._rows else 4 * self.prefill_chunk
-        device = self.model.device
-        done: list[Request] = []
-        while budget > 0 and self._prefilling:
-            req = self._prefilling[0]
-            if req.kv_part is None:
-                req.kv_part = kvops.RowsKV()
-                req.kv_part.begin(1)
-            n = min(budget, len(req.prompt_ids) - req.prefilled)
-            chunk = torch.tensor([req.prompt_ids[req.prefilled: req.prefilled + n]], device=device)  # (1, n)
-            pos = torch.arange(req.prefilled, req.prefilled + n, device=device).unsqueeze(0)  # (1, n)
-            logits = self._forward(req.kv_part, chunk, pos, [req.adapter])
-            req.prefilled += n
-            budget -= n
-            self.counters["prompt_tokens"] += n
-            if req.prefilled == len(req.prompt_ids):
-                self._prefilling.pop(0)
-                if self._advance([req], logits):
-                    done.append(req)
-        return done
-
-    def _join(self, joined: list[Request]) -> None:
-        """Add freshly prefilled requests to the decode batch, each next to the rows of its adapter."""
-        for req in joined:
-            if self._kv is None:
-                self._kv = kvops.RowsKV()
-            grouped_rows.append(self._rows, self._kv, req)
-
-    def _decode(self) -> None:
-        if not self._rows:
-            return
-        device = self.model.device
-        last = torch.tensor([[r.output_ids[-1]] for r in self._rows], device=device)  # (B, 1)
-        pos = torch.tensor([[n] for n in self._kv.lengths], device=device)  # (B, 1): real tokens so far
-        logits = self._forward(self._kv, last, pos, [r.adapter for r in self._rows])
-        keep = self._advance(self._rows, logits, many=True)
-        self._drop_rows([r for r, k in zip(self._rows, keep) if not k])
-
-    def _advance(self, rows: list[Request], logits: torch.Tensor, many: bool = False):
-        """Sample one token per row, stream it, finish rows that are done.
-
-        Returns, with ``many``, one bool per row (still running); else whether the single row runs on.
-        """
-        for r in rows:
-            if r.generator is None and not r.params.greedy:
-                r.generator = make_generator(r.params.seed, logits.device)
-        tokens = sample_next(logits, [r.params for r in rows], [r.generator for r in rows])
-        keep = []
-        for req, token in zip(rows, tokens):
-            req.output_ids.append(token)
-            self.counters["generated_tokens"] += 1
-            if req.detok is None:
-                req.detok = IncrementalText(self.tokenizer, req.params.stop)
-            text = req.detok.update(req.output_ids)
-            reason = None
-            if token in req.stop_ids or req.detok.stopped:
-                reason = "stop"
-            elif len(req.output_ids) >= req.max_new:
-                reason = "length"
-            if reason is None:
-                req.handle._push(self._output(req, [token], text))
-                keep.append(True)
+                self._stepper.end(req, "abort", ABORTED)
             else:
-                self._finish(req, reason, token_ids=[token], text=text)
-                keep.append(False)
-        return keep if many else keep[0]
+                self._stepper.cancel(req)
 
-    def _drop_rows(self, gone: list[Request]) -> None:
-        """Remove finished rows from the decode batch (``grouped_rows.remove``); free the cache when empty."""
-        if not gone or self._kv is None:
-            return
-        grouped_rows.remove(self._rows, self._kv, gone)
-        if not self._rows:
-            self._kv = None
-
-    def _output(self, req: Request, token_ids: list[int], text: str, reason: str | None = None,
-                failure: Failure | None = None) -> RequestOutput:
-        return RequestOutput(req.request_id, req.adapter, token_ids, text, finished=reason is not None,
-                             finish_reason=reason, prompt_tokens=len(req.prompt_ids),
-                             completion_tokens=len(req.output_ids),
-                             error=failure.message if failure is not None and reason == "error" else None,
-                             failure=failure)
-
-    def _finish(self, req: Request, reason: str, *, token_ids: list[int] | None = None, text: str = "",
-                failure: Failure | None = None, running: bool = True) -> None:
-        if running and req in self.scheduler.running:
+    def _retire(self, req: Request) -> None:
+        """Every sequence of ``req`` has ended: free its place, KV reservation and adapter pin."""
+        if req in self.scheduler.running:
             self.scheduler.finish(req)
-        if req.detok is not None and not req.detok.stopped:
-            text += req.detok.flush()
         with self._wake:
             self._handles.pop(req.request_id, None)
         self.counters["finished"] += 1
-        req.handle._push(self._output(req, token_ids or [], text, reason, failure))
 
+    def _prepare(self, adapters: list[str | None]) -> Any:
+        """The routing of a forward over rows with these adapters (None = base)."""
+        return [a or BASE_ADAPTER for a in adapters]
+
+    def _owner(self, adapter: str | None) -> Any:
+        """The prefix-cache owner of ``adapter``'s current load: the model's ``AdapterInfo`` object
+        (a new one on every load or reload), or the base model's sentinel; None = do not cache."""
+        if not self.prefix_cache.enabled:
+            return None
+        merged = getattr(self.model, "merged_adapter", None)
+        if merged != self._merged_seen:  # merging changed W0: base KV computed before is stale
+            self._merged_seen, self._base_owner = merged, object()
+        if merged is not None:
+            return None
+        if adapter is None:
+            return self._base_owner
+        adapters = getattr(self.model, "adapters", None)
+        return adapters.get(adapter) if adapters is not None else None
+
+    def _forward(self, kv: kvops.RowsKV, input_ids: torch.Tensor, position_ids: torch.Tensor, routing: Any,
+                 all_logits: bool = False) -> torch.Tensor:
+        """One forward through the model: the last position's logits (B, V), or with ``all_logits`` every
+        position's (B, T, V). input_ids, position_ids: (B, T); the cache mask grows by T columns first."""
+        mask = kv.extend_mask(input_ids.shape[1], input_ids.device)  # (B, L + T)
+        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, past_key_values=kv,
+                         use_cache=True, adapter_names=routing, logits_to_keep=0 if all_logits else 1)
+        return out.logits if all_logits else out.logits[:, -1, :]  # (B, 1, V) -> (B, V)

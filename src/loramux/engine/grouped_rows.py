@@ -31,11 +31,10 @@ def _move(rows: list[Any], kv: kvops.RowsKV, dst: list[int], src: list[int]) -> 
         rows[i] = r
 
 
-def append(rows: list[Any], kv: kvops.RowsKV, req: Any) -> None:
-    """Add a prefilled request (its KV part in ``req.kv_part``) at the end of its adapter's block."""
-    kv.add(req.kv_part)
+def append(rows: list[Any], kv: kvops.RowsKV, req: Any, part: kvops.RowsKV) -> None:
+    """Add a prefilled sequence (its one-row KV ``part``) at the end of its adapter's block."""
+    kv.add(part)
     rows.append(req)
-    req.kv_part = None
     last, spans = len(rows) - 1, blocks(rows)
     home = [end for start, end in spans[:-1] if rows[start].adapter == req.adapter]
     if not home:

@@ -48,6 +48,20 @@ class _RowsLayer(DynamicLayer):
         self.dtype, self.device = key_states.dtype, key_states.device
         self.is_initialized = True
 
+    @classmethod
+    def holding(cls, keys: torch.Tensor, values: torch.Tensor) -> "_RowsLayer":
+        """A layer whose live window is a copy of ``keys``/``values`` (B, H, L, D), with room to grow."""
+        layer = cls()
+        layer.lazy_initialization(keys, values)
+        b, h, length, d = keys.shape
+        layer.buf_k = keys.new_empty(b, h, _room(length), d)
+        layer.buf_v = values.new_empty(b, h, _room(length), d)
+        layer.buf_k[:, :, :length] = keys
+        layer.buf_v[:, :, :length] = values
+        layer.rows, layer.start, layer.end = b, 0, length
+        layer._view()
+        return layer
+
     def _view(self) -> None:
         self.keys = self.buf_k[: self.rows, :, self.start: self.end]
         self.values = self.buf_v[: self.rows, :, self.start: self.end]
@@ -107,6 +121,27 @@ class RowsKV(Cache):
         """Bytes held by the buffers (their capacity, not only the live window)."""
         return sum(t.numel() * t.element_size() for layer in self.layers
                    for t in (layer.buf_k, layer.buf_v) if t is not None)
+
+    @classmethod
+    def holding(cls, tensors: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> "RowsKV":
+        """One row whose cache is a copy of ``tensors`` (per layer: keys, values (1, H, L, D)), no padding:
+        how a prefix-cache hit starts a request's prompt."""
+        kv = cls()
+        kv.layers = [_RowsLayer.holding(k, v) for k, v in tensors]
+        length = tensors[0][0].shape[2]
+        kv.lengths = [length]
+        kv.mask = torch.ones(1, length, dtype=torch.long, device=tensors[0][0].device)
+        return kv
+
+    def window(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """A copy of the live window, per layer (keys, values) (B, H, width, D): what the prefix cache keeps."""
+        return [(layer.keys.clone(), layer.values.clone()) for layer in self.layers]
+
+    def copy(self) -> "RowsKV":
+        """An independent copy (forking a prefilled prompt into another sequence)."""
+        if self.rows != 1 or self.mask is None or not bool(self.mask.all()):
+            raise ValueError("RowsKV.copy() copies a single unpadded row (a prefilled prompt)")
+        return RowsKV.holding([(layer.keys, layer.values) for layer in self.layers])  # holding() copies
 
     def begin(self, rows: int) -> None:
         """An empty cache for ``rows`` sequences that will be fed the same number of tokens."""

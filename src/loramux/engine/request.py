@@ -288,24 +288,64 @@ class RequestHandle:
 
 @dataclass(eq=False)
 class Request:
-    """The engine's state for one request (touched by the engine thread only, after submit)."""
+    """The engine's state for one request (touched by the engine thread only, after submit).
+
+    Its prompt is prefilled once; then it has ``params.n`` ``Sequence`` rows in the decode batch.
+    """
 
     request_id: str
     adapter: str | None  # None = the base model
     prompt_ids: list[int]
     params: SamplingParams
     handle: RequestHandle
-    kv_reserved: int  # KV tokens this request may grow to: min(prompt + max_tokens, context limit)
+    seq_reserved: int  # KV tokens one sequence may grow to: min(prompt + max_tokens, context limit)
     stop_ids: frozenset[int] = frozenset()
     arrival: int = field(default_factory=lambda: next(_ids))  # FCFS order
-    output_ids: list[int] = field(default_factory=list)
-    prefilled: int = 0  # prompt tokens already in the KV cache (chunked prefill)
-    cancelled: bool = False
+    prefilled: int = 0  # prompt tokens already in the KV cache (chunked prefill, or a prefix-cache hit)
     counted: bool = False  # cache hit/miss already counted for this request
-    generator: object | None = None  # torch.Generator for seeded sampling, made lazily
-    detok: object | None = None  # IncrementalText, made by the engine
     kv_part: object | None = None  # RowsKV of this request alone while its prompt is prefilled
+    owner: object | None = None  # the prefix-cache owner (the adapter load's AdapterInfo), set at admission
+    cached_tokens: int = 0  # prompt tokens taken from the prefix cache
+    prompt_logprobs: list | None = None  # filled during prefill when asked
+    seqs: list["Sequence"] = field(default_factory=list)
+    done: bool = False
+
+    @property
+    def n(self) -> int:
+        return self.params.n
+
+    @property
+    def kv_reserved(self) -> int:
+        """KV tokens all ``n`` sequences may grow to (each holds its own copy of the prompt)."""
+        return self.n * self.seq_reserved
 
     @property
     def max_new(self) -> int:
-        return self.kv_reserved - len(self.prompt_ids)
+        return self.seq_reserved - len(self.prompt_ids)
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One of a request's ``n`` sequences: a row of the decode batch with its own sampling state."""
+
+    req: Request
+    index: int
+    output_ids: list[int] = field(default_factory=list)
+    generator: object | None = None  # torch.Generator for sampled rows, made at the first token
+    detok: object | None = None  # IncrementalText
+    constraint: object | None = None  # TokenConstraint, made by params.constraint()
+    finished: bool = False
+    sent_prompt_logprobs: bool = False
+
+    @property
+    def adapter(self) -> str | None:
+        return self.req.adapter
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.req.params
+
+    @property
+    def seed(self) -> int | None:
+        seed = self.req.params.seed
+        return None if seed is None else seed + self.index

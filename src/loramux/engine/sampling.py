@@ -1,16 +1,18 @@
 """Picking the next token of every row from its logits, each row with its own parameters.
 
-Greedy rows (temperature 0) are one batched argmax. Sampled rows go through temperature, top-k,
+Greedy rows (temperature below 1e-5) are one batched argmax. Sampled rows go through temperature, top-k,
 top-p, then a draw from the row's own ``torch.Generator``: a seeded request consumes exactly one
 draw per token from its own stream, so what its companions in the batch do cannot change its
 choices (up to the float noise of batching itself).
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
+from loramux.engine.constraints import checked_mask
+from loramux.engine.failures import RowFailed
 from loramux.engine.request import SamplingParams
 
 
@@ -59,4 +61,56 @@ def sample_next(logits: torch.Tensor, params: Sequence[SamplingParams],
             continue
         probs = filter_logits(logits[i], p).softmax(-1)  # (V,)
         out[i] = int(torch.multinomial(probs, 1, generator=generators[i]).item())
+    return out
+
+
+def _processed(row: torch.Tensor, seq: Any) -> torch.Tensor:
+    """One row's raw logits (V,) with its logit_bias added and its constraint's mask applied."""
+    params = seq.params
+    if params.logit_bias:
+        ids = torch.tensor([t for t, _ in params.logit_bias], dtype=torch.long, device=row.device)
+        bias = torch.tensor([b for _, b in params.logit_bias], dtype=row.dtype, device=row.device)
+        row = row.index_add(0, ids, bias)  # a new tensor: the batch's logits stay raw (logprobs read them)
+    if seq.constraint is not None:
+        row = row.masked_fill(~checked_mask(seq.constraint, row.shape[0], row.device), float("-inf"))
+    return row
+
+
+def _pick_one(row: torch.Tensor, seq: Any) -> int:
+    row = _processed(row, seq)
+    if seq.params.greedy:
+        return int(row.argmax().item())
+    probs = filter_logits(row, seq.params).softmax(-1)  # (V,)
+    if not bool(torch.isfinite(probs).all()):
+        raise RowFailed("the sampling distribution is not finite (check temperature, top_p and logit_bias)")
+    return int(torch.multinomial(probs, 1, generator=seq.generator).item())
+
+
+def pick_tokens(logits: torch.Tensor, seqs: Sequence[Any]) -> list[int | BaseException]:
+    """Next token of each row, or the exception that row's own computation raised.
+
+    logits: (B, V) raw, one row per sequence (``seq.params``, ``seq.generator``, ``seq.constraint``).
+    A fault is confined to its row: a NaN/inf logit, a bad constraint mask, a failed draw come back
+    as that row's exception and the other rows get their tokens as if it were not there. Plain
+    greedy rows (no bias, no constraint) are one batched argmax.
+    """
+    out: list[int | BaseException] = [0] * logits.shape[0]
+    finite = torch.isfinite(logits).all(-1).tolist()  # (B,): NaN or +-inf anywhere fails the row
+    plain = [i for i, s in enumerate(seqs) if finite[i] and s.params.greedy and not s.params.logit_bias
+             and s.constraint is None]
+    if plain:
+        picks = (logits if len(plain) == len(seqs) else logits[plain]).argmax(-1).tolist()  # (G, V) -> (G,)
+        for i, token in zip(plain, picks):
+            out[i] = token
+    done = set(plain)
+    for i, seq in enumerate(seqs):
+        if i in done:
+            continue
+        if not finite[i]:
+            out[i] = RowFailed("the model produced NaN/inf logits for this row")
+            continue
+        try:
+            out[i] = _pick_one(logits[i], seq)
+        except Exception as exc:  # noqa: BLE001 - this row's fault is this row's alone
+            out[i] = exc
     return out

@@ -3,7 +3,7 @@
 The rules, in the order they apply each step:
 
 1. Requests wait in arrival order. A request whose adapter is resident is admitted (its adapter
-   pinned) if a running slot and its KV reservation (prompt + max new tokens) fit. The first
+   pinned) if its ``n`` rows and its KV reservation (n x (prompt + max new tokens)) fit. The first
    resident request that does *not* fit stops admission for this step: nobody overtakes it, so a
    large request cannot be starved by a stream of small ones (first come, first served).
 2. A request whose adapter is not resident does not block the queue: it waits while its adapter
@@ -47,6 +47,7 @@ class Scheduler:
         self.waiting: list[Request] = []  # arrival order
         self.running: list[Request] = []  # admitted: prefilling or decoding
         self.kv_reserved = 0
+        self.rows = 0  # decode rows the running requests use (n each)
         self.draining: set[str] = set()
         self._exchange_for: str | None = None
 
@@ -62,6 +63,7 @@ class Scheduler:
         """A running request left (finished, cancelled, failed): free its slot, KV and pin."""
         self.running.remove(req)
         self.kv_reserved -= req.kv_reserved
+        self.rows -= req.n
         self.cache.release(req.adapter)
 
     def schedule(self) -> tuple[list[Request], list[tuple[Request, BaseException]]]:
@@ -76,7 +78,7 @@ class Scheduler:
                 req.counted = True
             if not resident or req.adapter in self.draining or blocked:
                 continue
-            if len(self.running) >= self.max_running or self.kv_reserved + req.kv_reserved > self.max_kv_tokens:
+            if self.rows + req.n > self.max_running or self.kv_reserved + req.kv_reserved > self.max_kv_tokens:
                 blocked = True  # rule 1: nobody overtakes this one
                 continue
             if not self.cache.acquire(req.adapter):  # unregistered a moment ago
@@ -84,6 +86,7 @@ class Scheduler:
             self.waiting.remove(req)
             self.running.append(req)
             self.kv_reserved += req.kv_reserved
+            self.rows += req.n
             admitted.append(req)
         failed += self._start_loads()
         return admitted, failed
