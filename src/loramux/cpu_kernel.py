@@ -10,6 +10,9 @@ It is compiled with ``torch.utils.cpp_extension`` the first time a process needs
 2 cores; ``make install`` does it ahead) into ``$LORAMUX_HOME/kernels``, and loaded from there
 afterwards. Without a C++ compiler, or with ``LORAMUX_CPU_KERNEL=0``, ``load()`` returns None and
 ``ops.py`` keeps its torch path, which computes the same thing (tests compare both).
+
+The build machinery here (``isa``, ``build_extension``) is shared with the dense decode GEMM
+(``dense_kernel.py``, ``csrc/decode_gemm.cpp``); ``python -m loramux.cpu_kernel`` builds both.
 """
 from __future__ import annotations
 
@@ -37,12 +40,23 @@ def enabled() -> bool:
     return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "off", "no")
 
 
+def isa() -> str | None:
+    """The vector ISA the compiled kernels target on this CPU: "avx512", "avx2" or None (no kernel build;
+    torch ops). From torch's own run-time CPU dispatch (``ATEN_CPU_CAPABILITY`` can lower it)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return None
+    return {"AVX512": "avx512", "AVX2": "avx2"}.get(torch.backends.cpu.get_cpu_capability())
+
+
+ISA_FLAGS = {"avx2": ["-mavx2", "-mfma"], "avx512": ["-mavx512f", "-mavx2", "-mfma"]}
+
+
 def _flags() -> tuple[str, list[str]]:
     """(module name, compiler flags): AVX2+FMA where the CPU has them, else the compiler's baseline.
     The name differs per flag set, so a build for one CPU is never loaded on a lesser one."""
     flags = ["-O3", "-fopenmp"]
-    if platform.machine().lower() in ("x86_64", "amd64") and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
-        return "loramux_grouped_lora_avx2", flags + ["-mavx2", "-mfma"]
+    if isa() is not None:
+        return "loramux_grouped_lora_avx2", flags + ISA_FLAGS["avx2"]
     return "loramux_grouped_lora", flags
 
 
@@ -67,20 +81,29 @@ def load(verbose: bool = False) -> ModuleType | None:
 
 
 def _build(verbose: bool) -> ModuleType | None:
+    name, flags = _flags()
+    return build_extension(name, SOURCE, flags, "grouped-LoRA", verbose)
+
+
+def build_extension(name: str, source: Path, flags: list[str], label: str, verbose: bool = False) -> ModuleType | None:
+    """Compile (once, into ``$LORAMUX_HOME/kernels/<name>``) and import a C++ extension; None if that fails.
+
+    Shared by the kernels of the package (grouped LoRA here, the dense decode GEMM in dense_kernel.py):
+    ``name`` must encode the flags' ISA so that a build for one CPU is never loaded on a lesser one.
+    """
     from torch.utils import cpp_extension
 
-    name, flags = _flags()
     directory = build_dir() / name
     try:
         directory.mkdir(parents=True, exist_ok=True)
         _put_ninja_on_path()
-        logger.info("loading the grouped-LoRA CPU kernel from %s (compiled on first use, ~40 s)", directory)
-        module = cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+        logger.info("loading the %s CPU kernel from %s (compiled on first use, ~40 s)", label, directory)
+        module = cpp_extension.load(name=name, sources=[str(source)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
                                     build_directory=str(directory), verbose=verbose)
     except Exception as exc:  # noqa: BLE001 - no compiler, no ninja, a read-only cache: the torch path still works
-        logger.warning("the grouped-LoRA CPU kernel is not available (%s: %s); using torch ops instead. "
+        logger.warning("the %s CPU kernel is not available (%s: %s); using torch ops instead. "
                        "Install a C++ compiler (g++) to get it, or set %s=0 to skip trying.",
-                       type(exc).__name__, _reason(exc), ENV_SWITCH)
+                       label, type(exc).__name__, _reason(exc), ENV_SWITCH)
         return None
     return module
 
@@ -109,6 +132,10 @@ def _reset_for_tests() -> None:
     _state.clear()
 
 
-if __name__ == "__main__":  # `python -m loramux.cpu_kernel`: build ahead of time (make install)
+if __name__ == "__main__":  # `python -m loramux.cpu_kernel`: build every kernel ahead of time (make install)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    raise SystemExit(0 if load() is not None else 1)
+    from loramux import dense_kernel
+
+    grouped = load() is not None
+    dense = dense_kernel.load() is not None or isa() is None  # no AVX2: nothing to build, torch ops
+    raise SystemExit(0 if grouped and dense else 1)

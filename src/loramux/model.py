@@ -22,7 +22,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from loramux import BASE_ADAPTER
+from loramux import BASE_ADAPTER, dense_kernel
 from loramux.adapter import AdapterFile, read_adapter
 from loramux.combine import combine_layer
 from loramux.errors import (AdapterConfigError, AdapterExistsError, AdapterNamesError, MergedAdapterError,
@@ -73,6 +73,9 @@ class MultiLoraModel(nn.Module):
 
     def __init__(self, base_model: nn.Module) -> None:
         super().__init__()
+        # the base model's nn.Linear layers (lm_head included) run decode steps through the streaming
+        # GEMM kernel: a class switch, no copy (dense_kernel.py); a no-op where the kernel is unavailable
+        dense_kernel.install(base_model)
         self.base_model = base_model
         # original module names -> original modules; wrapping does not change what names mean
         self._originals: dict[str, nn.Module] = {n: m for n, m in base_model.named_modules() if n}

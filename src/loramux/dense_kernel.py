@@ -1,0 +1,120 @@
+"""The base model's linears for decode steps: a streaming fp32 GEMM for few rows (``csrc/decode_gemm.cpp``).
+
+Why: a decode step of the default model is ~211 matmuls (7 per layer and the vocabulary projection)
+with 1-32 rows each, 85% of the step in plain transformers. MKL reads the weights at ~12 GB/s at
+those shapes on the AMD EPYC development machine, against ~33 GB/s for a plain reduction; the kernel
+reads each weight matrix once for all rows with AVX2/AVX-512 FMA and gets close to the reduction's
+bandwidth (figures in BENCHMARKS.md).
+
+How it is used: ``install(model)`` (called by ``MultiLoraModel.__init__``) switches the class of every
+plain ``nn.Linear`` of the base model, the vocabulary projection included, to :class:`DecodeLinear`, an
+``nn.Linear`` subclass whose forward is one call into the kernel. Nothing is copied or re-laid: the
+kernel reads ``weight`` in nn.Linear's own (d_out, d_in) layout, so tied embeddings, in-place merges,
+``state_dict`` and adapter targeting (``isinstance(m, nn.Linear)``) are untouched. Inside that call,
+inputs with more than ``MAX_ROWS`` rows (prefill), other dtypes or devices, and autograd go to
+``at::linear`` (MKL) as before.
+
+Semantics: ``F.linear(x, weight, bias)``, with float32 rounding in the kernel's own fixed order; a row's
+result does not depend on the other rows of the call or on the number of threads (bit for bit).
+
+Built per ISA (AVX2+FMA or AVX-512F, from torch's run-time CPU capability) into ``$LORAMUX_HOME/kernels``
+on first use (~40 s; ``make install`` does it ahead). Elsewhere, without a compiler, or with
+``LORAMUX_CPU_KERNEL=0``, ``install`` leaves the model as it is: the same results through torch.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loramux import cpu_kernel
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "csrc" / "decode_gemm.cpp"
+
+# Inputs with at most this many rows take the kernel; more (prefill) take MKL. Measured on the
+# default model's shapes (2 threads, AMD EPYC AVX2): the kernel is ahead of MKL up to 64 rows and
+# behind from ~128 (benchmarks/bench_core.py prints both).
+MAX_ROWS = 64
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}  # "module": the loaded extension, or None once tried
+
+
+def load(verbose: bool = False) -> ModuleType | None:
+    """The compiled kernel for this CPU's ISA, building it once; None if disabled, no ISA, or no build."""
+    if "module" in _state:
+        return _state["module"]  # type: ignore[return-value]
+    with _lock:
+        if "module" not in _state:
+            _state["module"] = _build(verbose) if cpu_kernel.enabled() else None
+    return _state["module"]  # type: ignore[return-value]
+
+
+def _build(verbose: bool) -> ModuleType | None:
+    isa = cpu_kernel.isa()
+    if isa is None:
+        logger.info("no AVX2/AVX-512 on this CPU: the base model's linears stay on torch")
+        return None
+    flags = ["-O3", "-fopenmp", "-ffp-contract=off", *cpu_kernel.ISA_FLAGS[isa]]  # FMA only where written
+    return cpu_kernel.build_extension(f"loramux_decode_gemm_{isa}", SOURCE, flags, f"decode GEMM ({isa})", verbose)
+
+
+class DecodeLinear(nn.Linear):
+    """``nn.Linear`` whose forward goes through the decode GEMM kernel (MKL above ``MAX_ROWS`` rows).
+
+    Made by switching the class of an existing ``nn.Linear`` (``install``): same parameters, same
+    ``state_dict``, no copy. Only created when the kernel is loaded.
+    """
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return _KERNEL.decode_linear(input, self.weight, self.bias, MAX_ROWS)
+
+
+_KERNEL: ModuleType | None = None  # set by install() before any DecodeLinear exists
+
+
+def install(model: nn.Module) -> int:
+    """Switch every plain ``nn.Linear`` of ``model`` with float32 CPU weights to :class:`DecodeLinear`.
+
+    Returns how many were switched (0 when the kernel is unavailable: the model is left as it is).
+    Subclasses of ``nn.Linear`` (quantized or already wrapped layers) are left alone.
+    """
+    global _KERNEL
+    linears = [m for m in model.modules() if type(m) is nn.Linear and m.weight.dtype == torch.float32
+               and m.weight.device.type == "cpu"]
+    if not linears:
+        return 0
+    kernel = load()
+    if kernel is None:
+        return 0
+    _KERNEL = kernel
+    for module in linears:
+        module.__class__ = DecodeLinear
+    logger.debug("decode GEMM kernel on %d linear layers", len(linears))
+    return len(linears)
+
+
+def uninstall(model: nn.Module) -> int:
+    """Back to plain ``nn.Linear`` (e.g. before handing the model to code that checks ``type(m) is nn.Linear``)."""
+    count = 0
+    for module in model.modules():
+        if type(module) is DecodeLinear:
+            module.__class__ = nn.Linear
+            count += 1
+    return count
+
+
+def reference_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """What the kernel computes, through torch: the oracle of the tests."""
+    return F.linear(x, weight, bias)
+
+
+def _reset_for_tests() -> None:
+    _state.clear()

@@ -1,0 +1,180 @@
+"""The decode GEMM kernel for the base model's linears: same results as F.linear over odd shapes, a row's
+result independent of the batch and of the thread count, the whole model within fp32 tolerance of plain
+transformers, and the untouched torch path when it is off or cannot build."""
+from __future__ import annotations
+
+import copy
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loramux import cpu_kernel, dense_kernel
+from loramux.dense_kernel import DecodeLinear
+
+from lora_fixtures import tiny_llama
+
+HAS_COMPILER = shutil.which("c++") is not None or shutil.which("g++") is not None
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    module = dense_kernel.load()
+    if module is None:
+        if HAS_COMPILER and cpu_kernel.enabled() and cpu_kernel.isa() is not None:
+            pytest.fail("a C++ compiler and AVX2 are here but the decode GEMM kernel did not build (see the warning log)")
+        pytest.skip("no compiler, no AVX2, or LORAMUX_CPU_KERNEL=0: the torch path is tested elsewhere")
+    return module
+
+
+@pytest.fixture
+def threads():
+    saved = torch.get_num_threads()
+    yield
+    torch.set_num_threads(saved)
+
+
+def _tolerance(x: torch.Tensor, w: torch.Tensor) -> float:
+    # fp32 rounding in another summation order grows with K and the magnitude of the products
+    return 4e-7 * x.shape[-1] ** 0.5 * (x.abs().max() * w.abs().max()).item() * 8
+
+
+# (d_out, d_in): multiples of the vector widths, of 8 only, neither, below one vector; and the
+# default model's shapes (K 576 and 1536, N 192 and a tile tail)
+SHAPES = [(64, 64), (40, 24), (13, 37), (3, 5), (1, 7), (192, 576), (577, 1536), (6, 129)]
+
+
+@pytest.mark.parametrize("d_out,d_in", SHAPES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_kernel_equals_f_linear(kernel, d_out, d_in, bias):
+    g = torch.Generator().manual_seed(d_out * 1000 + d_in)
+    w = torch.randn(d_out, d_in, generator=g)
+    b = torch.randn(d_out, generator=g) if bias else None
+    for m in (1, 2, 3, 4, 5, 6, 7, 8, 13, 16, 17, 32, 33):
+        x = torch.randn(m, d_in, generator=g)
+        got = kernel.decode_linear(x, w, b, 64)
+        torch.testing.assert_close(got, F.linear(x, w, b), atol=_tolerance(x, w), rtol=1e-5, msg=f"M={m}")
+
+
+def test_leading_dims_and_non_contiguous_inputs(kernel):
+    g = torch.Generator().manual_seed(1)
+    w, b = torch.randn(24, 40, generator=g), torch.randn(24, generator=g)
+    x = torch.randn(3, 2, 40, generator=g)                     # (B, T, d_in) -> (B, T, d_out)
+    assert kernel.decode_linear(x, w, b, 64).shape == (3, 2, 24)
+    torch.testing.assert_close(kernel.decode_linear(x, w, b, 64), F.linear(x, w, b), atol=1e-5, rtol=1e-5)
+    xt = torch.randn(40, 5, generator=g).T                      # non-contiguous (5, 40)
+    torch.testing.assert_close(kernel.decode_linear(xt, w, None, 64), F.linear(xt, w), atol=1e-5, rtol=1e-5)
+
+
+def test_a_rows_result_does_not_depend_on_the_batch_or_threads(kernel, threads):
+    """Bit for bit, as the engine's 'mixed equals alone' guarantee needs, in every tile position."""
+    g = torch.Generator().manual_seed(2)
+    w, b = torch.randn(577, 1536, generator=g), torch.randn(577, generator=g)
+    x = torch.randn(33, 1536, generator=g)
+    results = {}
+    for n in (1, 2):
+        torch.set_num_threads(n)
+        results[n] = kernel.decode_linear(x, w, b, 64)
+        for m in (1, 2, 5, 7, 16, 33):
+            assert torch.equal(kernel.decode_linear(x[:m], w, b, 64), results[n][:m]), f"{m} rows, {n} threads"
+        for i in (0, 4, 17, 32):
+            assert torch.equal(kernel.decode_linear(x[i:i + 1], w, b, 64), results[n][i:i + 1]), f"row {i} alone"
+    assert torch.equal(results[1], results[2])
+
+
+def test_above_max_rows_autograd_and_other_dtypes_take_torch(kernel):
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(8, 16, generator=g)
+    x = torch.randn(65, 16, generator=g)
+    assert torch.equal(kernel.decode_linear(x, w, None, 64), F.linear(x, w))        # prefill-sized: MKL itself
+    wd, xd = w.double(), x[:2].double()
+    assert torch.equal(kernel.decode_linear(xd, wd, None, 64), F.linear(xd, wd))
+    wg = w.clone().requires_grad_(True)
+    out = kernel.decode_linear(x[:2], wg, None, 64)
+    out.sum().backward()                                                            # autograd: at::linear
+    torch.testing.assert_close(wg.grad, x[:2].sum(0).expand(8, 16))
+
+
+def test_install_switches_every_linear_without_copying(kernel):
+    model = tiny_llama(seed=3)
+    weights = {n: p.data_ptr() for n, p in model.named_parameters()}
+    linears = [n for n, m in model.named_modules() if type(m) is nn.Linear]
+    assert dense_kernel.install(model) == len(linears) > 0
+    for name in linears:
+        module = model.get_submodule(name)
+        assert type(module) is DecodeLinear and isinstance(module, nn.Linear)
+    assert {n: p.data_ptr() for n, p in model.named_parameters()} == weights   # no copy, no re-layout
+    assert dense_kernel.uninstall(model) == len(linears)
+
+
+def test_tied_lm_head_logits_match_plain_transformers(kernel, threads):
+    """The vocabulary projection is tied to the embeddings: it must read the same tensor."""
+    from loramux import MultiLoraModel
+
+    plain = tiny_llama(seed=4, tie_word_embeddings=True, vocab_size=203, hidden_size=72, intermediate_size=136)
+    lm = MultiLoraModel(copy.deepcopy(plain))
+    assert type(lm.base_model.lm_head) is DecodeLinear
+    assert lm.base_model.lm_head.weight is lm.base_model.model.embed_tokens.weight
+    ids = torch.randint(3, 203, (5, 9), generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            expected = plain(input_ids=ids).logits
+            got = lm(input_ids=ids).logits                             # 45 rows: the kernel
+            torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
+            cache = lm(input_ids=ids[:, :8], use_cache=True).past_key_values
+            step = lm(input_ids=ids[:, 8:], past_key_values=cache, use_cache=True).logits   # a 5-row decode step
+            torch.testing.assert_close(step, expected[:, 8:], atol=2e-5, rtol=1e-4)
+
+
+def test_merge_writes_through_to_the_kernel(kernel, tmp_path):
+    """Merged adapters change weight in place: the kernel must see the new values (nothing cached)."""
+    from loramux import MultiLoraModel
+    from lora_fixtures import make_adapter
+
+    base = tiny_llama(seed=6)
+    path = make_adapter(base, tmp_path / "a", r=4, target_modules=["q_proj", "down_proj"])
+    lm = MultiLoraModel(copy.deepcopy(base))
+    lm.load_adapter(path, adapter_name="a")
+    ids = torch.randint(3, 96, (2, 1), generator=torch.Generator().manual_seed(7))
+    with torch.inference_mode():
+        routed = lm(input_ids=ids, adapter_names=["a", "a"]).logits
+        lm.merge_adapter("a")
+        merged = lm(input_ids=ids, adapter_names=["a", "a"]).logits
+    torch.testing.assert_close(merged, routed, atol=1e-5, rtol=1e-4)
+
+
+def test_switched_off_leaves_the_model_on_torch(monkeypatch):
+    monkeypatch.setenv(cpu_kernel.ENV_SWITCH, "0")
+    monkeypatch.setattr(dense_kernel, "_state", {})  # the switch is read once per process: start afresh
+    assert dense_kernel.load() is None
+    model = tiny_llama(seed=8)
+    expected_types = {n: type(m) for n, m in model.named_modules()}
+    assert dense_kernel.install(model) == 0
+    assert {n: type(m) for n, m in model.named_modules()} == expected_types
+
+
+def test_a_failed_build_falls_back_to_torch(monkeypatch):
+    from torch.utils import cpp_extension
+
+    def broken(**kwargs):
+        raise RuntimeError("Error building extension 'x'\n/bin/sh: 1: c++: not found")
+
+    monkeypatch.setattr(cpp_extension, "load", broken)
+    monkeypatch.setattr(cpu_kernel, "isa", lambda: "avx2")
+    monkeypatch.setattr(dense_kernel, "_state", {})
+    assert dense_kernel.load() is None
+    model = tiny_llama(seed=9)
+    ids = torch.randint(3, 96, (2, 3), generator=torch.Generator().manual_seed(9))
+    with torch.inference_mode():
+        expected = model(input_ids=ids).logits
+        assert dense_kernel.install(model) == 0
+        assert torch.equal(model(input_ids=ids).logits, expected)
+
+
+def test_no_vector_isa_means_no_build(monkeypatch):
+    monkeypatch.setattr(cpu_kernel, "isa", lambda: None)
+    monkeypatch.setattr(dense_kernel, "_state", {})
+    assert dense_kernel.load() is None
