@@ -2,6 +2,7 @@
 session), a fake engine for error paths, and the app around either."""
 from __future__ import annotations
 
+import json
 import os
 import warnings
 
@@ -33,8 +34,23 @@ def tiny_world(tmp_path_factory):
     weights = (adapters["a0"] / "adapter_model.safetensors").read_bytes()
     (corrupt / "adapter_model.safetensors").write_bytes(weights[: len(weights) // 3])
     os.symlink(outside, runtime / "link_out")
+    # runtime/: adapters that read fine but do not fit this base (full validation must refuse them)
+    other_base, _ = srv_tiny.build_base(top / "other_base", hidden=48)
+    srv_tiny.make_adapter(other_base, runtime / "other_model", seed=9, r=4, target_modules=["q_proj", "v_proj"])
+    mts = srv_tiny.make_adapter(model, runtime / "mts_no_weights", seed=10, r=4, target_modules=["q_proj"])
+    config = json.loads((mts / "adapter_config.json").read_text())
+    (mts / "adapter_config.json").write_text(json.dumps({**config, "modules_to_save": ["lm_head"]}))
+    # broken/: adapters that fail on first use from an adapter root (each must be a 400 naming the problem)
+    broken = top / "broken"
+    for name, edit in {"bad_json": lambda c: "{not json", "bad_regex": lambda c: json.dumps({**c, "target_modules": "q_proj[("}),
+                       "nan_alpha": lambda c: json.dumps({**c, "lora_alpha": float("nan")})}.items():
+        (broken / name).mkdir(parents=True)
+        config = (adapters["a0"] / "adapter_config.json").read_text()
+        (broken / name / "adapter_config.json").write_text(edit(json.loads(config)))
+        (broken / name / "adapter_model.safetensors").write_bytes((adapters["a0"] / "adapter_model.safetensors").read_bytes())
     return {"top": top, "base": top / "base", "root": top / "root", "runtime": runtime, "adapters": adapters,
-            "outside": outside, "good": good, "corrupt": corrupt, "model": model, "tokenizer": tokenizer}
+            "outside": outside, "good": good, "corrupt": corrupt, "model": model, "tokenizer": tokenizer,
+            "broken": broken}
 
 
 class Oracle:
@@ -74,6 +90,31 @@ class Oracle:
                 new = new[: new.index(self.eos)]
             self._memo[key] = self.tokenizer.decode(new, skip_special_tokens=True)
         return self._memo[key]
+
+    def greedy_ids(self, ids: list[int], adapter: str | None, max_new: int) -> list[int]:
+        """The greedy continuation's token ids (EOS included when it came)."""
+        import torch
+
+        x = torch.tensor([ids])
+        with torch.inference_mode():
+            out = self.model.generate(input_ids=x, attention_mask=torch.ones_like(x), adapter_names=[adapter],
+                                      max_new_tokens=max_new, do_sample=False, eos_token_id=self.eos,
+                                      pad_token_id=self.tokenizer.pad_token_id)
+        return out[0, len(ids):].tolist()
+
+    def logprobs(self, ids: list[int], adapter: str | None, k: int) -> list[tuple[float, list[tuple[int, float]]]]:
+        """For every position after the first: (logprob of ids[j], top-k (id, logprob)), from the raw logits."""
+        import torch
+
+        x = torch.tensor([ids])
+        with torch.inference_mode():
+            logits = self.model(input_ids=x, attention_mask=torch.ones_like(x), adapter_names=[adapter]).logits[0]
+        logp = torch.log_softmax(logits.float(), dim=-1)  # (T, V)
+        out = []
+        for j in range(1, len(ids)):
+            values, top = logp[j - 1].topk(k) if k else (torch.empty(0), torch.empty(0, dtype=torch.long))
+            out.append((float(logp[j - 1, ids[j]]), list(zip(top.tolist(), values.tolist()))))
+        return out
 
     def completion(self, prompt, adapter: str | None, max_new: int) -> str:
         return self.text(self.prompt_ids(prompt), adapter, max_new)

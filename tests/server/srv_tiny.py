@@ -39,14 +39,14 @@ def build_tokenizer():
     return fast
 
 
-def build_base(path: Path, seed: int = 0):
+def build_base(path: Path, seed: int = 0, hidden: int = 32):
     """Save a 2-layer Llama (hidden 32) and its tokenizer to ``path``; return (model, tokenizer)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = build_tokenizer()
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                          initializer_range=0.2,  # peaked logits: greedy argmax is far from ties
                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None)

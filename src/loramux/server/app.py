@@ -67,10 +67,9 @@ class ServerState:
         kind = getattr(getattr(failure, "kind", None), "value", None)
         if kind is None and call.adapter is not None and self.catalog.load_failed(call.adapter, message):
             kind = "adapter_load_failed"  # an engine without typed failures
-        if kind == "adapter_load_failed":
-            logger.warning("adapter %s could not be loaded: %s", call.adapter, message)
+        if kind == "adapter_load_failed":  # the adapter cache logged its one line already
             return APIError(400, f"adapter {call.adapter!r} could not be loaded: {message}", param="model",
-                            code="adapter_load_failed")
+                            code="adapter_load_failed", logged=True)
         if kind == "unknown_adapter":
             return self.unknown_model(call.model)
         if kind == "invalid_request":

@@ -50,8 +50,10 @@ class APIError(Exception):
         code: str | None = None,
         param: str | None = None,
         headers: dict[str, str] | None = None,
+        logged: bool = False,
     ) -> None:
         super().__init__(message)
+        self.logged = logged  # already logged where it arose (the one line a client error gets)
         self.status = status
         self.message = message
         self.code = code
@@ -100,7 +102,7 @@ def _is_type_tag(x: Any) -> bool:
 
 async def _on_api_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, APIError)
-    if exc.status < 500:
+    if exc.status < 500 and not exc.logged:
         logger.info("%s %s -> %d: %s", request.method, request.url.path, exc.status, exc.message[:300])
     return ErrorJSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 

@@ -99,10 +99,11 @@ class StructuredOutputs:
                 return self._grammars[key]
         try:
             grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, overrides=_JSON_OPTIONS)
-            ok, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, lltok)
+            # (is_error, messages); a warning also means part of the schema would not be enforced
+            is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, lltok)
         except (ValueError, TypeError, RuntimeError) as exc:
-            ok, messages = False, [str(exc)]
-        if not ok:
+            is_error, messages = True, [str(exc)]
+        if is_error or messages:
             raise APIError(400, f"response_format.json_schema cannot be enforced: {'; '.join(messages)[:500]}",
                            param="response_format", code="invalid_schema")
         with self._lock:
