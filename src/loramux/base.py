@@ -73,12 +73,14 @@ def load_base(name_or_path: str | os.PathLike | None = None, dtype: "torch.dtype
 
     ``name_or_path``: ``None`` for the embedded default (SmolLM2-135M-Instruct); a local directory
     that transformers can load; or a ``.gguf`` file (converted once into the cache, like the
-    default). ``dtype`` defaults to float32. ``progress`` shows a progress bar during a conversion.
-    Returns ``(model, tokenizer)`` with the model in eval mode.
+    default). ``dtype`` defaults to float32; ``"int8"`` loads float32 and quantizes the linear layers to
+    weight-only int8 with per-output-channel scales (``loramux.quantize``). ``progress`` shows a progress
+    bar during a conversion. Returns ``(model, tokenizer)`` with the model in eval mode.
     """
     import torch
 
-    dtype = _resolve_dtype(dtype, torch)
+    int8 = dtype is torch.int8 or (isinstance(dtype, str) and dtype.removeprefix("torch.") == "int8")
+    dtype = torch.float32 if int8 else _resolve_dtype(dtype, torch)
     if name_or_path is None:
         model_dir = _cached_gguf(default_gguf_path(), progress)
     else:
@@ -92,7 +94,12 @@ def load_base(name_or_path: str | os.PathLike | None = None, dtype: "torch.dtype
                 f"base model {str(name_or_path)!r} is neither a local transformers directory nor a .gguf file; "
                 "loramux never downloads models: pass a local path, or nothing for the embedded default"
             )
-    return _load_dir(model_dir, dtype)
+    model, tokenizer = _load_dir(model_dir, dtype)
+    if int8:
+        from loramux.quantize import quantize_model
+
+        quantize_model(model)
+    return model, tokenizer
 
 
 def needs_conversion(name_or_path: str | os.PathLike | None = None) -> bool:
@@ -112,7 +119,7 @@ def _resolve_dtype(dtype: Any, torch: Any) -> "torch.dtype":
     if isinstance(dtype, str):
         resolved = getattr(torch, dtype.removeprefix("torch."), None)
         if not isinstance(resolved, torch.dtype):
-            raise ValueError(f"dtype {dtype!r} is not a torch dtype; use e.g. 'float32' or 'bfloat16'")
+            raise ValueError(f"dtype {dtype!r} is not a torch dtype; use e.g. 'float32', 'bfloat16' or 'int8'")
         return resolved
     return dtype
 

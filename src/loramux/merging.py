@@ -26,6 +26,11 @@ def delta_weight(entry: SlotWeights, embedding: bool) -> torch.Tensor:
 
 def merge_layer(layer: LoraLayer, entry: SlotWeights) -> None:
     base = layer.base_layer
+    if getattr(base, "is_quantized", False):  # loramux.quantize: int8 W0 cannot hold W0 + B'A at its scales
+        from loramux.errors import MergedAdapterError
+
+        raise MergedAdapterError(f"cannot merge an adapter into the int8 base layer {type(base).__name__}; serve it "
+                                 "unmerged (mixed batches cost little), or load the base in float32 to merge")
     with torch.no_grad():
         w = base.weight.float()
         delta = delta_weight_layout(base, delta_weight(entry, layer.is_embedding))

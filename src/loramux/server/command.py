@@ -50,7 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "runtime loading reads only inside these directories")
     g.add_argument("--no-bundled-adapters", action="store_true",
                    help="with the default base model, do not serve the adapters shipped with loramux")
-    g.add_argument("--dtype", default=None, help="base model dtype (default float32)")
+    g.add_argument("--dtype", "--base-dtype", dest="dtype", default=None,
+                   help="base model dtype (default float32); int8: weight-only int8 linears (loramux.quantize)")
     g.add_argument("--allow-pickle", action="store_true",
                    help="also read adapter_model.bin (pickle can run code: only for adapters you trust)")
 

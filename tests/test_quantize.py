@@ -1,0 +1,129 @@
+"""Weight-only int8 base (loramux.quantize): the kernel's int8 variant equals its torch reference, a row's
+result is independent of the batch, a tied vocabulary projection shares the embedding's int8 rows, adapters
+still route per row, and merging into int8 is refused."""
+from __future__ import annotations
+
+import copy
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loramux import MultiLoraModel, cpu_kernel, dense_kernel
+from loramux.errors import MergedAdapterError
+from loramux.quantize import Int8Embedding, Int8Linear, quantize_model, quantize_weight
+
+from lora_fixtures import make_adapter, tiny_llama
+
+HAS_COMPILER = shutil.which("c++") is not None or shutil.which("g++") is not None
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    module = dense_kernel.load()
+    if module is None:
+        if HAS_COMPILER and cpu_kernel.enabled() and cpu_kernel.isa() is not None:
+            pytest.fail("a C++ compiler and AVX2 are here but the decode GEMM kernel did not build")
+        pytest.skip("no kernel here: Int8Linear's torch path is tested below")
+    return module
+
+
+def test_quantize_weight_round_trips_within_half_a_step():
+    w = torch.randn(37, 53, generator=torch.Generator().manual_seed(0))
+    w[3] = 0                                                        # an all-zero row keeps scale 1
+    q, scale = quantize_weight(w)
+    assert q.dtype == torch.int8 and scale.shape == (37,) and q.abs().max() <= 127
+    assert scale[3] == 1 and torch.all(q[3] == 0)
+    assert torch.all((q.float() * scale[:, None] - w).abs() <= scale[:, None] / 2 + 1e-6)
+
+
+@pytest.mark.parametrize("d_out,d_in", [(64, 64), (13, 37), (3, 5), (577, 1536), (6, 129)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_int8_kernel_equals_its_reference(kernel, d_out, d_in, bias):
+    g = torch.Generator().manual_seed(d_out + d_in)
+    q, scale = quantize_weight(torch.randn(d_out, d_in, generator=g))
+    b = torch.randn(d_out, generator=g) if bias else None
+    w = q.float() * scale[:, None]
+    for m in (1, 2, 3, 4, 6, 7, 16, 33):
+        x = torch.randn(m, d_in, generator=g)
+        got = kernel.int8_linear(x, q, scale, b, 64)
+        torch.testing.assert_close(got, F.linear(x, w, b), atol=1e-5 * d_in ** 0.5, rtol=1e-5, msg=f"M={m}")
+    x = torch.randn(65, d_in, generator=g)                          # prefill-sized: dequantized, MKL
+    torch.testing.assert_close(kernel.int8_linear(x, q, scale, b, 64), F.linear(x, w, b), atol=1e-5, rtol=1e-5)
+
+
+def test_int8_rows_do_not_depend_on_the_batch_or_threads(kernel):
+    g = torch.Generator().manual_seed(1)
+    q, scale = quantize_weight(torch.randn(301, 576, generator=g))
+    x = torch.randn(20, 576, generator=g)
+    saved = torch.get_num_threads()
+    try:
+        out = {}
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            out[n] = kernel.int8_linear(x, q, scale, None, 64)
+            for i in (0, 7, 19):
+                assert torch.equal(kernel.int8_linear(x[i:i + 1], q, scale, None, 64), out[n][i:i + 1])
+        assert torch.equal(out[1], out[2])
+    finally:
+        torch.set_num_threads(saved)
+
+
+def test_int8_kernel_rejects_bad_scales(kernel):
+    q, _ = quantize_weight(torch.randn(8, 16))
+    with pytest.raises(RuntimeError, match=r"scale must be a contiguous float32 \(8,\)"):
+        kernel.int8_linear(torch.randn(2, 16), q, torch.ones(9), None, 64)
+
+
+def test_quantized_tied_model_shares_rows_and_stays_close():
+    plain = tiny_llama(seed=2, tie_word_embeddings=True)
+    model = copy.deepcopy(plain)
+    n = quantize_model(model)
+    linears = [m for m in plain.modules() if type(m) is nn.Linear]
+    assert n == len(linears)
+    head, emb = model.lm_head, model.model.embed_tokens
+    assert type(head) is Int8Linear and type(emb) is Int8Embedding and isinstance(head, nn.Linear)
+    assert head.qweight is emb.qweight and head.wscale is emb.wscale          # one int8 copy for both
+    assert all(p.dtype == torch.float32 for p in model.parameters())          # norms only; no fp32 W left
+    assert not any(n.endswith(".weight") and p.dim() == 2 for n, p in model.named_parameters())
+    ids = torch.randint(3, 96, (3, 7), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        expected, got = plain(input_ids=ids).logits, model(input_ids=ids).logits
+    rel = (got - expected).norm() / expected.norm()
+    assert rel < 0.05, f"int8 logits {rel:.3f} away from fp32 (relative L2)"
+    with pytest.raises(TypeError, match="cannot be assigned"):
+        head.weight = torch.zeros(3)
+
+
+def test_torch_path_without_the_kernel_equals_the_kernel(monkeypatch):
+    model = tiny_llama(seed=4)
+    quantize_model(model)
+    ids = torch.randint(3, 96, (2, 5), generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        with_kernel = model(input_ids=ids).logits
+        monkeypatch.setattr(dense_kernel, "_state", {"module": None})
+        without = model(input_ids=ids).logits
+    torch.testing.assert_close(without, with_kernel, atol=1e-5, rtol=1e-5)
+
+
+def test_adapters_on_an_int8_base_route_per_row_and_refuse_merging(tmp_path):
+    base = tiny_llama(seed=5)
+    paths = {n: make_adapter(base, tmp_path / n, seed=10 + i, r=4, target_modules=["q_proj", "v_proj", "down_proj"])
+             for i, n in enumerate(("a", "b"))}
+    qbase = copy.deepcopy(base)
+    quantize_model(qbase)
+    lm = MultiLoraModel(qbase)
+    for name, path in paths.items():
+        lm.load_adapter(path, adapter_name=name)
+    ids = torch.randint(3, 96, (3, 6), generator=torch.Generator().manual_seed(6))
+    rows = ["a", "__base__", "b"]
+    with torch.inference_mode():
+        mixed = lm(input_ids=ids, adapter_names=rows).logits
+        for i, name in enumerate(rows):
+            alone = lm(input_ids=ids[i:i + 1], adapter_names=[name]).logits
+            torch.testing.assert_close(mixed[i:i + 1], alone, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(mixed[0], lm(input_ids=ids[:1], adapter_names=["__base__"]).logits[0], atol=1e-3)
+    with pytest.raises(MergedAdapterError, match="int8 base"):
+        lm.merge_adapter("a")
