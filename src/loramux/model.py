@@ -59,6 +59,16 @@ class AdapterInfo:
         return max(self.ranks.values(), default=0)
 
 
+@dataclass(frozen=True)
+class PreparedRouting:
+    """Rows -> slots resolved once by ``MultiLoraModel.prepare_routing``: the row names, the mapping,
+    and the loads (``AdapterInfo`` objects) its slots came from, checked on every use."""
+
+    names: tuple[str | None, ...]
+    mapping: BatchMapping
+    infos: tuple[AdapterInfo, ...]
+
+
 @dataclass
 class _SlotState:
     modules: list[str] = field(default_factory=list)   # wrapped modules holding this slot
@@ -240,8 +250,47 @@ class MultiLoraModel(nn.Module):
         finally:
             self._context_default.reset(token)
 
-    def _resolve(self, adapter_names: str | Sequence[str | None] | None, n_rows: int) -> BatchMapping | None:
-        """Names -> slots, under the lock, and pin the slots until ``_release`` (the caller's finally)."""
+    def prepare_routing(self, adapter_names: Sequence[str | None]) -> "PreparedRouting":
+        """Resolve one name per row (None or ``"__base__"``: the base model) once, for a batch whose
+        rows stay the same over many calls (the engine's decode batch, re-prepared on join/leave).
+        Passing the result as ``adapter_names`` then skips the name lookups in every call."""
+        names = tuple(adapter_names)
+        with self._lock:
+            slots = self._slots_locked(names)
+            used = set(slots)
+            infos = tuple(i for i in self._infos.values() if i.slot in used)
+            return PreparedRouting(names, BatchMapping(slots, merged=self._merged is not None), infos)
+
+    def _slots_locked(self, adapter_names: Sequence[str | None]) -> tuple[int, ...]:
+        slots = tuple(BASE_SLOT if n in (None, BASE_ADAPTER) else self._info(n).slot for n in adapter_names)
+        if self._merged is not None:
+            merged_slot = self._infos[self._merged].slot
+            wrong = sorted({str(n) for n, s in zip(adapter_names, slots) if s != merged_slot})
+            if wrong:
+                raise MergedAdapterError(f"adapter {self._merged!r} is merged into the base weights, so rows cannot use "
+                                         f"{wrong}; call unmerge_adapter() first")
+        return slots
+
+    def _resolve(self, adapter_names: str | Sequence[str | None] | "PreparedRouting" | None,
+                 n_rows: int) -> BatchMapping | None:
+        """Names -> slots, under the lock, and pin the slots until ``_release`` (the caller's finally).
+
+        A ``PreparedRouting`` is used as it is while the loads it was prepared from are still the
+        loaded ones (identity of their ``AdapterInfo``) and the merge state is unchanged; otherwise
+        its names are resolved afresh, so a stale preparation can never route to the wrong weights.
+        """
+        if isinstance(adapter_names, PreparedRouting):
+            prepared = adapter_names
+            if prepared.mapping.n_rows != n_rows:
+                raise AdapterNamesError(f"the prepared routing has {prepared.mapping.n_rows} rows but the batch has "
+                                        f"{n_rows}; prepare_routing() for this batch")
+            with self._lock:
+                if prepared.mapping.merged == (self._merged is not None) and all(
+                        self._infos.get(i.name) is i for i in prepared.infos):
+                    for slot in prepared.mapping.slots:
+                        self._slot_states[slot].inflight += 1
+                    return prepared.mapping
+            adapter_names = list(prepared.names)
         if adapter_names is None:
             default = self._context_default.get()
             adapter_names = self._default if default is _UNSET else default
@@ -256,13 +305,7 @@ class MultiLoraModel(nn.Module):
             raise AdapterNamesError(f"adapter_names has {len(adapter_names)} entries but the batch has {n_rows} rows; "
                                     "pass one adapter name (or '__base__') per row")
         with self._lock:
-            slots = tuple(BASE_SLOT if n in (None, BASE_ADAPTER) else self._info(n).slot for n in adapter_names)
-            if self._merged is not None:
-                merged_slot = self._infos[self._merged].slot
-                wrong = sorted({str(n) for n, s in zip(adapter_names, slots) if s != merged_slot})
-                if wrong:
-                    raise MergedAdapterError(f"adapter {self._merged!r} is merged into the base weights, so rows cannot use "
-                                             f"{wrong}; call unmerge_adapter() first")
+            slots = self._slots_locked(adapter_names)
             for slot in set(slots) - {BASE_SLOT}:
                 self._slot_states[slot].inflight += 1
         return BatchMapping(slots, merged=self._merged is not None)

@@ -64,12 +64,28 @@ def solo_greedy(model, prompt: list[int], adapter: str | None, max_new: int) -> 
     return out[0, len(prompt):].tolist()
 
 
-def run_all(engine, handles, max_steps: int = 10_000):
-    """Drive the engine by hand until every handle finished."""
-    for _ in range(max_steps):
-        if all(h.finished for h in handles):
-            return [h.result() for h in handles]
+GUARD_S = 600.0  # an overall guard against a hang, never a race: loops end by their condition
+
+
+def wait_for_progress(engine) -> None:
+    """After a step that could not run (only adapter loads pending): sleep until the engine is
+    notified (a load ended, a submission or cancel arrived), re-checking every 50 ms."""
+    with engine._wake:
+        engine._wake.wait(0.05)
+
+
+def step_until(engine, condition, what: str = "the condition") -> None:
+    """Step the engine by hand until ``condition()`` holds."""
+    import time
+
+    deadline = time.monotonic() + GUARD_S
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} did not happen within {GUARD_S:.0f} s"
         if not engine.step():
-            import time
-            time.sleep(0.002)
-    raise AssertionError("requests did not finish")
+            wait_for_progress(engine)
+
+
+def run_all(engine, handles):
+    """Drive the engine by hand until every handle finished."""
+    step_until(engine, lambda: all(h.finished for h in handles), "every request finishing")
+    return [h.result() for h in handles]

@@ -2,9 +2,8 @@
 from __future__ import annotations
 
 import threading
-import time
 
-from engine_helpers import run_all
+from engine_helpers import run_all, step_until, wait_for_progress
 from loramux.engine import Engine, SamplingParams
 
 GREEDY = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
@@ -16,17 +15,19 @@ def test_a_slow_load_does_not_block_resident_requests(llama_model, registry):
 
     def slow_load(path, adapter_name=None, **kw):
         if adapter_name == "b":
-            gate.wait(30)
+            gate.wait()  # held until the test has seen the others served: no timeout to race
         return real_load(path, adapter_name=adapter_name, **kw)
 
     llama_model.load_adapter = slow_load
     llama_model.load_adapter(registry.path_of("a"), adapter_name="a")
     engine = Engine(llama_model, registry=registry)
-    slow = engine.submit([3, 4, 5], "b", GREEDY)  # first in line, but its adapter is not resident
-    fast = [engine.submit([6, 7], name, GREEDY) for name in ("a", None, "a")]
-    run_all(engine, fast)  # served while "b" is still loading
-    assert not slow.finished and engine.cache.is_loading("b")
-    gate.set()
+    try:
+        slow = engine.submit([3, 4, 5], "b", GREEDY)  # first in line, but its adapter is not resident
+        fast = [engine.submit([6, 7], name, GREEDY) for name in ("a", None, "a")]
+        run_all(engine, fast)  # served while "b" is still loading
+        assert not slow.finished and engine.cache.is_loading("b")
+    finally:
+        gate.set()  # whatever happened above, the loader thread is released
     assert run_all(engine, [slow])[0].finish_reason == "length"
     stats = engine.stats()
     assert stats["hits"] == 3 and stats["misses"] == 1 and stats["loads"] == 1
@@ -39,16 +40,25 @@ def test_rotation_serves_a_rare_adapter_amid_a_stream_of_popular_ones(llama_mode
     run_all(engine, [first])  # "a" resident
     stream = [engine.submit([5, 6], "a", GREEDY) for _ in range(2)]
     rare = engine.submit([7, 8], "b", GREEDY)
-    served_before = None
-    for step in range(2000):
+    productive, submitted_at = 0, -1
+
+    def served_or_step() -> bool:
+        nonlocal productive, submitted_at
         if rare.finished:
-            served_before = sum(h.finished for h in stream)
-            break
-        if step % 2 == 0:  # "a" requests keep arriving faster than they finish
+            return True
+        if productive % 2 == 0 and submitted_at != productive:  # "a" keeps arriving faster than it finishes
             stream.append(engine.submit([5, 6], "a", GREEDY))
-        if not engine.step():
-            time.sleep(0.002)  # only waiting on the load of "b"
+            submitted_at = productive
+        if engine.step():
+            productive += 1  # only steps that ran count: a slow load of "b" adds no "a" requests
+        else:
+            wait_for_progress(engine)
+        return False
+
+    # bounded by steps that ran, not by time: if "b" starved, this ends with the assertion below
+    step_until(engine, lambda: served_or_step() or productive > 2000, "serving the rare adapter")
     assert rare.finished and rare.result().finish_reason == "length", "the rare adapter starved"
+    served_before = sum(h.finished for h in stream)
     # "a" requests that arrived after "b" did not overtake it beyond the ones admitted in b's first step
     assert served_before <= 4, served_before
     run_all(engine, stream)  # and the popular ones all drain afterwards
@@ -63,18 +73,16 @@ def test_eviction_never_touches_an_adapter_in_use(llama_model, registry):
     engine = Engine(llama_model, registry=registry, max_running=3, max_loaded_adapters=1, prefill_chunk=4)
     handles = [engine.submit([3 + i] * (2 + i % 5), "abcd"[i % 4], SamplingParams(max_tokens=3 + i % 4, temperature=0))
                for i in range(16)]
-    deadline = time.monotonic() + 300  # bounded in time, not steps: background loads may lag on a busy machine
-    while time.monotonic() < deadline:
-        if all(h.finished for h in handles):
-            break
-        if not engine.step():
-            time.sleep(0.002)
+
+    def check() -> bool:
         for req in engine.scheduler.running:
             assert req.adapter in llama_model.adapters
             assert engine.cache.pins(req.adapter) > 0
         adapters = [r.adapter for r in engine.batch.rows]  # decode rows stay grouped by adapter
         assert len([a for i, a in enumerate(adapters) if i == 0 or a != adapters[i - 1]]) == len(set(adapters))
         assert len(llama_model.adapters) <= 1
-    assert all(h.finished for h in handles), "requests did not finish within 300 s"
+        return all(h.finished for h in handles)
+
+    step_until(engine, check, "every request finishing")
     assert all(h.result().finish_reason in ("stop", "length") for h in handles)
     assert engine.stats()["evictions"] >= 3

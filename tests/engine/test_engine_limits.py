@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import json
-import time
+import threading
 
 import pytest
 
-from engine_helpers import run_all
+from engine_helpers import GUARD_S, run_all, step_until
 from loramux.engine import Engine, EngineOverloaded, RequestRejected, SamplingParams
 from loramux.errors import UnknownAdapterError
 
@@ -48,16 +48,15 @@ def test_queue_longer_than_the_batch_limit_drains_within_limits(llama_model, reg
     engine = Engine(llama_model, registry=registry, max_running=2, max_kv_tokens=40, max_loaded_adapters=1)
     handles = [engine.submit([3 + i] * (3 + i % 7), [None, "a", "b", "c"][i % 4], GREEDY) for i in range(20)]
     peak_running = peak_kv = 0
-    deadline = time.monotonic() + 300  # bounded in time, not steps: background loads may lag on a busy machine
-    while time.monotonic() < deadline:
-        if all(h.finished for h in handles):
-            break
-        if not engine.step():
-            time.sleep(0.002)
+
+    def check() -> bool:
+        nonlocal peak_running, peak_kv
         peak_running = max(peak_running, len(engine.scheduler.running))
         peak_kv = max(peak_kv, engine.scheduler.kv_reserved)
         assert engine.stats()["resident_adapters"] <= 1
-    assert all(h.finished for h in handles), "requests did not finish within 300 s"
+        return all(h.finished for h in handles)
+
+    step_until(engine, check, "every request finishing")
     assert [h.result().finish_reason for h in handles] == ["length"] * 20
     assert peak_running == 2 and peak_kv <= 40
     stats = engine.stats()
@@ -75,8 +74,7 @@ def test_full_queue_raises_overloaded(llama_model, registry):
 def test_cancellation_frees_the_slot(llama_model, registry):
     engine = Engine(llama_model, registry=registry, max_running=1)
     long = engine.submit([5, 6], "a", SamplingParams(max_tokens=100, temperature=0, ignore_eos=True))
-    while engine.cache.pins("a") == 0:  # until "a" is loaded and running
-        engine.step()
+    step_until(engine, lambda: engine.cache.pins("a") > 0, "'a' loading and running")
     queued = engine.submit([7, 8], "b", GREEDY)
     waiting = engine.submit([9], None, GREEDY)
     for _ in range(3):
@@ -125,11 +123,29 @@ def test_shutdown_finishes_running_requests(llama_model, registry):
         engine.submit([3], None, GREEDY)
 
 
-def test_shutdown_with_abort(llama_model, registry):
+def test_shutdown_with_abort(llama_model, registry, monkeypatch):
+    """The engine thread is held inside a decode forward until shutdown(abort=True) has registered
+    its cancellations, so the request cannot finish first (no race against a number of tokens)."""
+    real, inside, release = llama_model.forward, threading.Event(), threading.Event()
+
+    def forward(*args, **kwargs):
+        if kwargs["input_ids"].shape[1] == 1:  # a decode step
+            inside.set()
+            release.wait(GUARD_S)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(llama_model, "forward", forward)
     engine = Engine(llama_model, registry=registry).start()
     handle = engine.submit([3, 4, 5], "a", SamplingParams(max_tokens=100, temperature=0, ignore_eos=True))
-    engine.shutdown(abort=True)
-    assert handle.result(timeout=5).finish_reason == "abort"
+    assert inside.wait(GUARD_S)
+    stopper = threading.Thread(target=engine.shutdown, kwargs={"abort": True})
+    stopper.start()
+    with engine._wake:  # shutdown() registers the cancel under the engine's lock and notifies
+        assert engine._wake.wait_for(lambda: handle.request_id in engine._cancels, GUARD_S)
+    release.set()
+    stopper.join(GUARD_S)
+    result = handle.result(timeout=GUARD_S)
+    assert result.finish_reason == "abort" and result.completion_tokens < 100
 
 
 def test_unregistered_adapter_is_no_longer_served(llama_model, registry):

@@ -311,8 +311,11 @@ class Engine:
         self.counters["finished"] += 1
 
     def _prepare(self, adapters: list[str | None]) -> Any:
-        """The routing of a forward over rows with these adapters (None = base)."""
-        return [a or BASE_ADAPTER for a in adapters]
+        """The routing of a forward over rows with these adapters (None = base, the engine's only base
+        sentinel): resolved to slots once (``MultiLoraModel.prepare_routing``), when the decode batch
+        changes, not in every step; a model without it gets the names."""
+        prepare = getattr(self.model, "prepare_routing", None)
+        return prepare(adapters) if prepare is not None else [a or BASE_ADAPTER for a in adapters]
 
     def _owner(self, adapter: str | None) -> Any:
         """The prefix-cache owner of ``adapter``'s current load: the model's ``AdapterInfo`` object

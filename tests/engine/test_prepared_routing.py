@@ -1,0 +1,26 @@
+"""MultiLoraModel.prepare_routing: what the decode batch hands the model instead of names."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from loramux.errors import UnknownAdapterError
+
+
+def test_a_prepared_routing_equals_names_and_never_goes_stale(llama_model, registry):
+    model = llama_model
+    model.load_adapter(registry.path_of("a"), adapter_name="a")
+    ids = torch.tensor([[5, 6, 7], [8, 9, 10]])
+    prepared = model.prepare_routing(["a", None])
+    with torch.no_grad():
+        by_name = model(input_ids=ids, adapter_names=["a", "__base__"]).logits
+        assert torch.equal(model(input_ids=ids, adapter_names=prepared).logits, by_name)
+        model.load_adapter(registry.path_of("b"), adapter_name="a", replace=True)  # same name, new weights
+        after = model(input_ids=ids, adapter_names=prepared).logits
+        assert torch.equal(after, model(input_ids=ids, adapter_names=["a", None]).logits)
+        assert not torch.allclose(after[0], by_name[0]) and torch.allclose(after[1], by_name[1])
+    model.delete_adapter("a")
+    with pytest.raises(UnknownAdapterError):
+        model(input_ids=ids, adapter_names=prepared)
+    with pytest.raises(Exception, match="rows"):
+        model(input_ids=ids[:1], adapter_names=prepared)
