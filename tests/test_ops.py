@@ -4,7 +4,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loramux import ops
 from loramux.mapping import BASE_SLOT, BatchMapping
 from loramux.ops import apply_lora, lora_delta_reference
 from loramux.slots import SlotTable, SlotWeights
@@ -33,15 +32,9 @@ ROWS = [
 ]
 
 
-@pytest.fixture(params=["grouped", "concatenated"])
-def path(request, monkeypatch):
-    monkeypatch.setattr(ops, "CONCAT_MAX_TOKENS", 0 if request.param == "grouped" else 10_000)
-    return request.param
-
-
 @pytest.mark.parametrize("row_slots", ROWS)
 @pytest.mark.parametrize("kind", ["linear", "dora", "bias", "embedding"])
-def test_apply_lora_equals_reference(row_slots, kind, path):
+def test_apply_lora_equals_reference(row_slots, kind):
     embedding = kind == "embedding"
     table = _table(len(row_slots), embedding=embedding, dora=kind == "dora", bias=kind == "bias")
     g = torch.Generator().manual_seed(1)
@@ -69,18 +62,3 @@ def test_rows_expanded_for_beams_follow_their_request():
     assert mapping.for_rows(6).row_slots == (1, 1, 1, BASE_SLOT, BASE_SLOT, BASE_SLOT)
     with pytest.raises(ValueError, match="5 rows but adapter_names has 2 entries"):
         mapping.for_rows(5)
-
-
-def test_concatenated_cache_follows_table_changes(monkeypatch):
-    monkeypatch.setattr(ops, "CONCAT_MAX_TOKENS", 10_000)
-    table = _table(0)
-    mapping = BatchMapping((0, 1, 3))
-    x, y0 = torch.randn(3, 1, D_IN), torch.randn(3, 1, D_OUT)
-    first = apply_lora(y0.clone(), x, table, mapping)
-    assert table.concat_cache is not None
-    table.write(1, SlotWeights(A=torch.randn(4, D_IN), B=torch.randn(D_OUT, 4)))  # hot swap slot 1
-    second = apply_lora(y0.clone(), x, table, mapping)
-    torch.testing.assert_close(second, lora_delta_reference(x, y0, table, mapping.row_slots), atol=1e-5, rtol=1e-5)
-    assert not torch.allclose(first[1], second[1]) and torch.allclose(first[0], second[0])
-    table.clear(3)
-    assert table.concat_cache is None, "clearing a slot drops the cached copies"

@@ -11,19 +11,13 @@ Semantics (what every implementation must compute), for a wrapped layer with bas
             d = (w.dora_scale - 1) * (y0[b] - base_bias) + w.dora_scale * d
         out[b] = y0[b] + d
 
-``lora_delta_reference`` is that loop, literally. ``apply_lora`` picks one of two fast paths:
-
-- grouped (prefill, one adapter): rows are grouped by slot once per call (``BatchMapping.groups``),
-  so each layer does two matmuls per distinct adapter, on a view when the group's rows are
-  contiguous, and nothing for rows of the base model. FLOPs: exactly each row's own rank.
-- concatenated (opt-in, ``CONCAT_MAX_TOKENS``): the batch's adapters are stacked along the rank
-  axis, ``A_cat: (R, d_in)``, ``B_cat: (d_out, R)`` with R the sum of their ranks (cached per layer
-  while the batch's adapter set is unchanged), and each row masks out the rank columns of the other
-  adapters. A fixed handful of ops per layer whatever the number of adapters, but every row pays
-  R instead of its own r, and the cache is a second copy of the batch's adapters. Off by default:
-  on the core benchmark's decode step (B8, 8 adapters of rank 8..64 on all 7 projections, CPU)
-  that is 8x the LoRA FLOPs (+55% of the base step's FLOPs) and +282 MiB resident, and it measured
-  slower than the grouped path (CPU time 1.55-1.58x the base step against 1.39-1.51x).
+``lora_delta_reference`` is that loop, literally. ``apply_lora`` is the grouped fast path: rows are
+grouped by slot once per call (``BatchMapping.groups``), so each layer does two matmuls per distinct
+adapter, on a view when the group's rows are contiguous, and nothing for rows of the base model.
+FLOPs: exactly each row's own rank. (A concatenated path, the batch's adapters stacked along the
+rank axis with per-row masks, was tried and removed: every row paid the sum of the ranks, it kept
+a second copy of the batch's adapters, and it measured slower on the core benchmark's decode step,
+CPU time 1.55-1.58x the base step against 1.39-1.51x.)
 
 The grouped path adds into flat views of ``y`` with ``addmm_`` where the weights are plain LoRA (no
 bias, no DoRA): ``y[t0:t1] += (x[t0:t1] @ A.T) @ B.T`` in four dispatcher calls per group, with the
@@ -70,19 +64,10 @@ def lora_delta_reference(x: torch.Tensor, y0: torch.Tensor, table: SlotTable, ro
     return out
 
 
-# Up to this many tokens in a call, several adapters take the concatenated path (see module doc);
-# 0: never (the grouped path reads the same weight bytes with 1/B of the FLOPs and no second copy).
-CONCAT_MAX_TOKENS = 0
-
-
 def apply_lora(y: torch.Tensor, x: torch.Tensor, table: SlotTable, mapping: BatchMapping,
                embedding: bool = False, base_bias: torch.Tensor | None = None) -> torch.Tensor:
     """Add each row's adapter delta to the base output ``y`` (B, ..., d_out), in place, and return it."""
-    mapping = mapping.for_rows(x.shape[0])
-    tokens = x.numel() if embedding else x.numel() // x.shape[-1]
-    if tokens <= CONCAT_MAX_TOKENS and len(mapping.present) > 1 and not y.requires_grad:
-        return _apply_concatenated(y, x, table, mapping, embedding, base_bias)
-    return _apply_grouped(y, x, table, mapping, embedding, base_bias)
+    return _apply_grouped(y, x, table, mapping.for_rows(x.shape[0]), embedding, base_bias)
 
 
 def _apply_grouped(y: torch.Tensor, x: torch.Tensor, table: SlotTable, mapping: BatchMapping,
@@ -161,63 +146,3 @@ def _kernel_args(table: SlotTable, ranges: tuple[tuple[int, int, int], ...]) -> 
     args = (frozenset(slots), starts, ends, A, B_t)
     table.kernel_cache = (key, args)
     return args
-
-
-def _concat_weights(table: SlotTable, present: tuple[int, ...], embedding: bool) -> tuple:
-    """Stack the weights of ``present`` slots along the rank axis; cached until the table changes.
-
-    Returns (A_cat, B_cat, mask, bias, dora): A_cat (R, d_in) or (num_embeddings, R); B_cat (d_out, R);
-    mask (P + 1, R) with mask[p, j] = 1 where rank column j belongs to present slot p (row P, the base
-    model, is zeros); bias and dora (P + 1, d_out) or None.
-    """
-    key = (present, table.version)
-    cached = table.concat_cache
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    entries = [table.get(slot) for slot in present]
-    ref = next(w for w in entries if w is not None)
-    rank_axis = 1 if embedding else 0
-    ranks = [w.B.shape[1] if w is not None else 0 for w in entries]
-    A_cat = torch.cat([w.A for w in entries if w is not None], dim=rank_axis)
-    B_cat = torch.cat([w.B for w in entries if w is not None], dim=1)
-    mask = torch.zeros(len(present) + 1, sum(ranks), dtype=ref.B.dtype, device=ref.B.device)
-    start = 0
-    for p, rank in enumerate(ranks):
-        mask[p, start:start + rank] = 1
-        start += rank
-    d_out = ref.B.shape[0]
-    bias = dora = None
-    if any(w is not None and w.bias is not None for w in entries):
-        bias = torch.zeros(len(present) + 1, d_out, dtype=ref.B.dtype, device=ref.B.device)
-        for p, w in enumerate(entries):
-            if w is not None and w.bias is not None:
-                bias[p] = w.bias
-    if any(w is not None and w.dora_scale is not None for w in entries):
-        dora = torch.ones(len(present) + 1, d_out, dtype=ref.B.dtype, device=ref.B.device)
-        for p, w in enumerate(entries):
-            if w is not None and w.dora_scale is not None:
-                dora[p] = w.dora_scale
-    weights = (A_cat, B_cat, mask, bias, dora)
-    table.concat_cache = (key, weights)
-    return weights
-
-
-def _apply_concatenated(y: torch.Tensor, x: torch.Tensor, table: SlotTable, mapping: BatchMapping,
-                        embedding: bool, base_bias: torch.Tensor | None) -> torch.Tensor:
-    present = mapping.present
-    if all(table.get(slot) is None for slot in present):
-        return y
-    A_cat, B_cat, mask, bias, dora = _concat_weights(table, present, embedding)
-    pos = mapping.positions(x.device)                       # (B,)
-    ones = (1,) * (y.dim() - 2)
-    # x: (B, ..., d_in) -> h: (B, ..., R); embeddings: ids (B, ...) -> (B, ..., R)
-    h = F.embedding(x, A_cat) if embedding else x @ A_cat.T
-    h.mul_(mask[pos].view(-1, *ones, mask.shape[1]))        # zero the rank columns of other adapters
-    d = h @ B_cat.T                                         # (B, ..., d_out)
-    if bias is not None:
-        d.add_(bias[pos].view(-1, *ones, bias.shape[1]))
-    if dora is not None:
-        g = dora[pos].view(-1, *ones, dora.shape[1])        # (B, 1.., d_out); 1 for non-DoRA rows
-        y_no_bias = y if base_bias is None else y - base_bias
-        d = (g - 1) * y_no_bias + g * d
-    return y.add_(d)
