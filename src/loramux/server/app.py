@@ -8,7 +8,6 @@ and ``POST /v1/unload_lora_adapter``. ``model`` picks the adapter by name, or th
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 from typing import Any, Callable
 
@@ -87,7 +86,7 @@ class ServerState:
             prompts = [self._encode(p) for p in spec.prompts]
         limit = _context_limit(self.engine)
         constraint = self.structured.factory(spec.response_format) if spec.response_format is not None else None
-        params, fanout = [], spec.n > 1 and not _engine_forks_n()
+        params = []
         for ids in prompts:
             max_tokens = spec.max_tokens if spec.max_tokens is not None else default_max
             if limit is not None and isinstance(ids, list):
@@ -101,11 +100,11 @@ class ServerState:
                                    param=param if left >= 1 else ("messages" if endpoint == "chat" else "prompt"),
                                    code="context_length_exceeded")
                 max_tokens = min(max_tokens, left)  # the default: whatever the context leaves
-            params.append(self.sampling(spec, max_tokens, constraint, 1 if fanout else spec.n))
+            params.append(self.sampling(spec, max_tokens, constraint, spec.n))
         echo = None
         if spec.echo:
             echo = [p if isinstance(p, str) else self._decode(ids) for p, ids in zip(spec.prompts, prompts)]
-        return GenerationCall(endpoint, model, adapter, prompts, params, spec.n, fanout, spec.stream,
+        return GenerationCall(endpoint, model, adapter, prompts, params, spec.n, spec.stream,
                               spec.include_usage, echo, spec.logprobs, spec.prompt_logprobs is not None)
 
     def _encode(self, prompt: str | list[int]) -> str | list[int]:
@@ -155,14 +154,9 @@ class ServerState:
         sources: list[Source] = []
         try:
             for p, (prompt, params) in enumerate(zip(call.prompts, call.params)):
-                for i in range(call.n if call.fanout else 1):
-                    sp = params
-                    if call.fanout and params.seed is not None:
-                        sp = dataclasses.replace(params, seed=params.seed + i)
-                    handle = self.engine.submit(prompt, adapter=call.adapter, params=sp)
-                    ids = prompt if isinstance(prompt, list) else []
-                    sources.append(Source(handle, p, p * call.n + i, getattr(handle, "prompt_tokens", len(ids)),
-                                          list(ids)))
+                handle = self.engine.submit(prompt, adapter=call.adapter, params=params)  # n sequences, one prefill
+                ids = prompt if isinstance(prompt, list) else []
+                sources.append(Source(handle, p, p * call.n, getattr(handle, "prompt_tokens", len(ids)), list(ids)))
         except BaseException:
             for src in sources:
                 src.handle.cancel()
@@ -179,14 +173,6 @@ class ServerState:
                            headers={"Retry-After": "1"}) from None
         except RequestRejected as exc:
             raise APIError(400, str(exc), code="request_rejected") from None
-
-
-def _engine_forks_n() -> bool:
-    """Whether the engine runs ``n`` sequences itself (prefill once, KV forked); until it does, the
-    server submits one request per choice with seed + i, which gives the same answers."""
-    from ..engine import request as engine_request
-
-    return hasattr(engine_request, "Sequence")
 
 
 def _context_limit(engine: Any) -> int | None:

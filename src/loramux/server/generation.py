@@ -1,7 +1,7 @@
 """One completion or chat request: its engine requests, then the answer in one body or as SSE.
 
-A call may hold several engine requests (one per prompt of a batch ``prompt``, or one per choice
-when the engine takes no ``n``); their deltas are merged into one stream of ``(source, delta)``.
+A call may hold several engine requests (one per prompt of a batch ``prompt``; each runs the ``n``
+sequences of its prompt); their deltas are merged into one stream of ``(source, delta)``.
 Choice ``index`` is ``prompt_index * n + i``. The first delta is awaited before any byte is sent, so
 a request that fails early (its adapter cannot be loaded) still gets a proper status instead of a
 broken 200 stream. Engine failures are mapped by ``failure.kind`` (``ServerState.output_error``).
@@ -34,9 +34,8 @@ class GenerationCall:
     model: str  # the client's model name (echoed back)
     adapter: Optional[str]  # engine adapter name; None = base model
     prompts: list[Any]  # token ids (or text when the server has no tokenizer), one per prompt
-    params: list[Any]  # engine SamplingParams per prompt (per choice with fan-out)
+    params: list[Any]  # engine SamplingParams per prompt
     n: int
-    fanout: bool  # the engine takes no ``n``: one engine request per choice
     stream: bool
     include_usage: bool
     echo_texts: Optional[list[str]] = None  # completions with echo: the prompt text per prompt
@@ -120,8 +119,7 @@ class _Run:
         self.state, self.call, self.sources = state, call, sources
         self.choices: dict[int, ChoiceState] = {}
         for src in sources:
-            count = 1 if call.fanout else call.n
-            for i in range(count):
+            for i in range(call.n):
                 self.choices[src.first_choice + i] = ChoiceState(src.first_choice + i, src)
         self.strings = lp.TokenStrings(state.tokenizer)
 
@@ -130,7 +128,7 @@ class _Run:
             src.handle.cancel()
 
     def choice_of(self, src: Source, out: Any) -> ChoiceState:
-        index = src.first_choice + (0 if self.call.fanout else int(getattr(out, "index", 0) or 0))
+        index = src.first_choice + int(getattr(out, "index", 0) or 0)
         return self.choices[index]
 
     def absorb(self, src: Source, out: Any) -> ChoiceState:
@@ -150,7 +148,7 @@ class _Run:
         return choice
 
     def usage(self) -> dict[str, int]:
-        return rs.usage(sum(s.prompt_len for s in self.sources if s.first_choice % self.call.n == 0),
+        return rs.usage(sum(s.prompt_len for s in self.sources),
                         sum(c.tokens for c in self.choices.values()))
 
     def finish_reason(self) -> str:

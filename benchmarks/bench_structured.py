@@ -1,0 +1,153 @@
+"""Structured outputs (issue 12): what a grammar mask costs per token, against a decode step.
+
+(A) The mask alone, on the default model's tokenizer (SmolLM2-135M, 49,152 tokens): per generated
+    token, compute the next-token mask, turn it into the (V,) bool tensor the engine takes, accept
+    the token; over the tokens of a fixed JSON answer. llguidance (what loramux uses) and, when it
+    is installed, xgrammar 0.2.8 side by side; plus tokenizer-wrap and schema-compile times.
+(B) The engine end to end on the default model: 8 greedy rows, 48 tokens each (EOS ignored),
+    free vs every row constrained by a schema long enough never to complete vs half and half;
+    rounds alternate, median wall time per configuration. The overhead is constrained / free - 1
+    (target: under 10% of a decode step).
+
+    .venv/bin/python benchmarks/bench_structured.py [--threads 2] [--rounds 3] [--no-engine]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+
+SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"},
+                                           "city": {"type": "string"}, "tags": {"type": "array", "items": {"type": "string"}}},
+          "required": ["name", "age", "city", "tags"], "additionalProperties": False}
+ANSWER = json.dumps({"name": "Maria Lopes", "age": 34, "city": "Lisbon", "tags": ["engineer", "runner", "reader"]},
+                    separators=(",", ":"))
+LONG = {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 9}, "minItems": 60, "maxItems": 60}
+
+
+def bench_llguidance(tok, vocab: int, ids: list[int], reps: int) -> dict[str, float]:
+    import llguidance
+    import llguidance.hf
+
+    from loramux.server.structured import GrammarConstraint
+
+    t0 = time.perf_counter()
+    lltok = llguidance.hf.from_tokenizer(tok, n_vocab=vocab, eos_token=tok.eos_token_id)
+    t1 = time.perf_counter()
+    grammar = llguidance.LLMatcher.grammar_from_json_schema(SCHEMA, overrides={"whitespace_flexible": False})
+    llguidance.LLMatcher(lltok, grammar)
+    t2 = time.perf_counter()
+    times = []
+    for _ in range(reps):
+        c = GrammarConstraint(llguidance.LLMatcher(lltok, grammar))
+        for t in ids:
+            a = time.perf_counter()
+            mask = c.allowed(vocab)
+            assert mask[t], "the answer's token must be allowed"
+            c.accept(t)
+            times.append(time.perf_counter() - a)
+    return {"wrap_s": t1 - t0, "compile_s": t2 - t1, "per_token_us": 1e6 * statistics.median(times),
+            "p99_us": 1e6 * sorted(times)[int(0.99 * len(times))]}
+
+
+def bench_xgrammar(tok, vocab: int, ids: list[int], reps: int) -> dict[str, float] | None:
+    try:
+        import xgrammar as xgr
+    except ImportError:
+        return None
+    import numpy as np
+
+    t0 = time.perf_counter()
+    info = xgr.TokenizerInfo.from_huggingface(tok, vocab_size=vocab)
+    compiler = xgr.GrammarCompiler(info, max_threads=1)
+    t1 = time.perf_counter()
+    compiled = compiler.compile_json_schema(json.dumps(SCHEMA), any_whitespace=False)
+    t2 = time.perf_counter()
+    bitmask = xgr.allocate_token_bitmask(1, vocab)
+    times = []
+    for _ in range(reps):
+        m = xgr.GrammarMatcher(compiled)
+        for t in ids:
+            a = time.perf_counter()
+            m.fill_next_token_bitmask(bitmask)
+            packed = bitmask[0].numpy().view(np.uint8)  # same unpacking as GrammarConstraint.allowed
+            mask = torch.from_numpy(np.unpackbits(packed, bitorder="little").view(np.bool_))[:vocab]  # (V,)
+            assert mask[t] == bool(m.accept_token(t)), "the mask must allow exactly what the matcher accepts"
+            times.append(time.perf_counter() - a)
+    return {"wrap_s": t1 - t0, "compile_s": t2 - t1, "per_token_us": 1e6 * statistics.median(times),
+            "p99_us": 1e6 * sorted(times)[int(0.99 * len(times))]}
+
+
+def bench_engine(rounds: int) -> dict[str, list[float]]:
+    from loramux import MultiLoraModel
+    from loramux.base import load_base
+    from loramux.engine import Engine, SamplingParams
+    from loramux.server import schemas
+    from loramux.server.structured import StructuredOutputs
+
+    model, tok = load_base(None)
+    engine = Engine(MultiLoraModel(model), tok, max_running=8).start()
+    structured = StructuredOutputs(tok, model.config.vocab_size)
+    fmt = schemas.ResponseFormat.model_validate({"type": "json_schema", "json_schema": {"name": "x", "schema": LONG}})
+    factory = structured.factory(fmt)
+    prompts = [f"List sixty digits, as a JSON array, for request {i}:" for i in range(8)]
+
+    def run(constrained: int) -> float:
+        start = time.perf_counter()
+        handles = [engine.submit(p, params=SamplingParams(max_tokens=48, temperature=0, ignore_eos=True,
+                                                          constraint=factory if i < constrained else None))
+                   for i, p in enumerate(prompts)]
+        outs = [h.result(timeout=600) for h in handles]
+        assert all(o.completion_tokens == 48 for o in outs), [o.finish_reason for o in outs]
+        return time.perf_counter() - start
+
+    run(0), run(8)  # warm-up
+    results: dict[str, list[float]] = {"free": [], "half": [], "all": []}
+    for _ in range(rounds):
+        for name, k in (("free", 0), ("all", 8), ("half", 4)):
+            results[name].append(run(k))
+    engine.shutdown()
+    return results
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--no-engine", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"torch threads: {torch.get_num_threads()}")
+    from loramux.base import load_base
+
+    _, tok = load_base(None)
+    vocab = 49152
+    ids = list(tok(ANSWER, add_special_tokens=False)["input_ids"])
+    print(f"tokenizer vocab {len(tok)}, mask length {vocab}, answer {len(ids)} tokens")
+    for name, fn in (("llguidance", bench_llguidance), ("xgrammar", bench_xgrammar)):
+        r = fn(tok, vocab, ids, args.reps)
+        if r is None:
+            print(f"{name}: not installed")
+            continue
+        print(f"{name}: wrap tokenizer {r['wrap_s']:.2f} s, compile schema {1e3 * r['compile_s']:.1f} ms, "
+              f"mask+accept per token median {r['per_token_us']:.1f} us (p99 {r['p99_us']:.1f} us)")
+    if args.no_engine:
+        return
+    res = bench_engine(args.rounds)
+    med = {k: statistics.median(v) for k, v in res.items()}
+    for k, v in res.items():
+        print(f"engine 8 rows x 48 tokens, {k:>4} constrained: median {med[k]:.2f} s  (rounds {', '.join(f'{x:.2f}' for x in v)})")
+    print(f"overhead: all rows constrained {100 * (med['all'] / med['free'] - 1):+.1f}%, "
+          f"half {100 * (med['half'] / med['free'] - 1):+.1f}% of the free batch's time")
+
+
+if __name__ == "__main__":
+    main()
