@@ -7,8 +7,9 @@ replica. The same seeded workload (Zipf s=1 over the 16 adapters, ``--clients`` 
 ``--max-tokens`` each, EOS ignored) runs once through each router:
 
 - affinity: ``AdapterAffinityRouter`` (loramux/ray/router.py; holders first, bounded load);
-- pow2: Ray's default ``PowerOfTwoChoicesRequestRouter`` with no multiplexed model id, i.e.
-  power of two choices by queue length only.
+- pow2: Ray's default ``PowerOfTwoChoicesRequestRouter``, and the ingress sends no multiplexed
+  model id (with one, Ray's default router also prefers replicas reporting the adapter), i.e. power
+  of two choices by queue length only.
 
 Reports adapter loads (and evictions) per 100 requests from the replicas' own counters, throughput
 (generated tokens/s, requests/s), and how concentrated each adapter's traffic is. The machine is
@@ -94,12 +95,14 @@ def run_policy(serve, build_app, url: str, options: dict, affinity: bool, names:
     serve.delete("bench")
     loads = sum(after[r].get("loads", 0) - before.get(r, {}).get("loads", 0) for r in after)
     evictions = sum(after[r].get("evictions", 0) - before.get(r, {}).get("evictions", 0) for r in after)
-    top_share = [collections.Counter(v).most_common(1)[0][1] / len(v) for v in result["served"].values()]
+    # requests that went to their adapter's busiest replica, over all requests (1.0: each adapter on one replica)
+    on_top = sum(collections.Counter(v).most_common(1)[0][1] for v in result["served"].values())
     n = len(names)
     return {"policy": "affinity" if affinity else "pow2 (Ray default)", "requests": n, "errors": result["errors"],
             "loads_per_100": 100 * loads / n, "evictions_per_100": 100 * evictions / n,
             "tok_s": result["tokens"] / result["wall"], "req_s": n / result["wall"], "wall": result["wall"],
-            "top_share": sum(top_share) / len(top_share), "replicas_used": len(after)}
+            "top_share": on_top / max(1, sum(len(v) for v in result["served"].values())),
+            "replicas_used": len(after)}
 
 
 def main() -> int:
@@ -155,7 +158,7 @@ def main() -> int:
              f"over the adapters (seeded, the same sequence for both), {args.clients} concurrent clients, "
              f"{args.max_tokens} tokens each (EOS ignored). Loads and evictions are the replicas' own counters. "
              "One run each, affinity first; compare the two rows, not absolute figures.", "",
-             "| router | adapter loads / 100 requests | evictions / 100 | generated tok/s | requests/s | share of an adapter's requests on its top replica | errors |",
+             "| router | adapter loads / 100 requests | evictions / 100 | generated tok/s | requests/s | requests on their adapter's busiest replica | errors |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['policy']} | {r['loads_per_100']:.1f} | {r['evictions_per_100']:.1f} | {r['tok_s']:.1f} | "

@@ -69,6 +69,7 @@ def simulate(policy: str, n_replicas: int, n_adapters: int, *, requests: int, zi
     arrivals = np.cumsum(rng.exponential(1.0 / rate, requests))
     adapters = zipf_sampler(n_adapters, zipf, rng)(requests)
     replicas = [Replica(slots) for _ in range(n_replicas)]
+    homes = rng.integers(0, n_replicas, size=(n_adapters, 3))
     residency = Residency(capacity)
     all_finishes: list[float] = []  # every in-flight request's finish time: the fleet's total in flight
     counted_from = int(requests * warmup)
@@ -87,13 +88,14 @@ def simulate(policy: str, n_replicas: int, n_adapters: int, *, requests: int, zi
             r = a % n_replicas
         else:
             held = residency.holders(name)
-            # like Ray's power of two choices: a few sampled holders (a hot adapter is held by hundreds) plus
-            # two random replicas as candidate new homes; the router in loramux/ray ranks all (few) replicas
+            # at this scale a router looks at a few sampled holders (a hot adapter is held by dozens), the
+            # adapter's first few replicas in its hash order (its homes; a per-adapter sample stands in for
+            # the rendezvous order over all replicas) and one random replica; loramux/ray's router, with few
+            # replicas, ranks them all
             cands = set(held if len(held) <= holder_sample else prng.sample(list(held), holder_sample))
+            cands.update(homes[a].tolist())
             cands.add(prng.randrange(n_replicas))
-            cands.add(prng.randrange(n_replicas))
-            view = [ReplicaState(c, replicas[c].in_flight(now), residency.holds(c, name), residency.count(c))
-                    for c in cands]
+            view = [ReplicaState(c, replicas[c].in_flight(now), residency.holds(c, name)) for c in cands]
             r = rank_replicas(name, view, total_in_flight=len(all_finishes), n_replicas=n_replicas)[0][0]
         rep = replicas[r]
         hit = residency.holds(r, name)

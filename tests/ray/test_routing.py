@@ -8,9 +8,8 @@ import pytest
 from loramux.ray.routing import ReplicaState, Residency, choose, load_bound, rank_replicas, rendezvous
 
 
-def states(loads, holders=(), resident=None):
-    resident = resident or [0] * len(loads)
-    return [ReplicaState(id=i, in_flight=n, holds=i in holders, resident=resident[i]) for i, n in enumerate(loads)]
+def states(loads, holders=()):
+    return [ReplicaState(id=i, in_flight=n, holds=i in holders) for i, n in enumerate(loads)]
 
 
 def test_a_holder_under_the_bound_wins_even_when_busier():
@@ -21,16 +20,28 @@ def test_a_holder_over_the_bound_gets_a_copy_elsewhere():
     loads = [20, 0, 1]
     assert 20 >= load_bound(sum(loads), 3)
     ranks = rank_replicas("x", states(loads, holders={0}))
-    assert ranks[0] == [1]  # the least loaded non-holder becomes a second home
-    assert ranks[-1] == [0]  # the overloaded holder stays last, not excluded (Ray skips full queues)
+    home = sorted([1, 2], key=lambda r: -rendezvous("x", r))
+    assert ranks == [[home[0]], [home[1]], [0]]  # a second home in hash order; the busy holder last, not excluded
 
 
-def test_new_adapter_goes_to_least_loaded_then_fewest_resident():
-    assert choose("x", states([2, 1, 1], resident=[0, 5, 2])) == 2
+def test_a_new_adapter_goes_home_whatever_the_load_under_the_bound():
+    for adapter in ("x", "y", "z"):
+        home = max(range(3), key=lambda r: rendezvous(adapter, r))
+        loads = [1, 1, 1]
+        loads[home] = 3  # busier than the others, still under the bound
+        assert 3 < load_bound(sum(loads), 3)
+        assert choose(adapter, states(loads)) == home
+
+
+def test_a_new_adapter_skips_a_home_over_the_bound():
+    home = max(range(3), key=lambda r: rendezvous("x", r))
+    loads = [0, 0, 0]
+    loads[home] = 12
+    assert choose("x", states(loads)) != home
 
 
 def test_ties_are_broken_by_rendezvous_hash_the_same_way_everywhere():
-    picks = {a: choose(a, states([0, 0, 0, 0])) for a in (f"a{i}" for i in range(200))}
+    picks = {a: choose(a, states([0, 0, 0, 0])) for a in (f"a{i}" for i in range(200))}  # ties: every load 0
     assert picks == {a: choose(a, list(reversed(states([0, 0, 0, 0])))) for a in picks}  # order-independent
     assert len(set(picks.values())) == 4  # and spread over every replica
     assert all(picks[a] == max(range(4), key=lambda r: rendezvous(a, r)) for a in picks)
@@ -73,9 +84,22 @@ def test_sequential_zipf_traffic_keeps_each_adapter_on_one_replica():
     homes: dict[str, set] = {}
     for _ in range(2000):
         adapter = f"a{min(int(rng.paretovariate(1.0)), 16) - 1}"
-        view = [ReplicaState(i, loads[i], res.holds(i, adapter), res.count(i)) for i in range(2)]
+        view = [ReplicaState(i, loads[i], res.holds(i, adapter)) for i in range(2)]
         r = choose(adapter, view)
         res.touch(r, adapter)
         homes.setdefault(adapter, set()).add(r)
     assert all(len(h) == 1 for h in homes.values()), homes
     assert {next(iter(h)) for h in homes.values()} == {0, 1}  # both replicas used
+
+
+def test_a_catalogue_larger_than_the_fleet_stays_partitioned():
+    """Evicted adapters come back to the same replica: each cache cycles its own share only."""
+    rng = random.Random(1)
+    res = Residency(capacity=2)
+    homes: dict[str, set] = {}
+    for _ in range(3000):
+        adapter = f"a{rng.randrange(12)}"
+        r = choose(adapter, [ReplicaState(i, 0, res.holds(i, adapter)) for i in range(3)])
+        res.touch(r, adapter)
+        homes.setdefault(adapter, set()).add(r)
+    assert all(len(h) == 1 for h in homes.values()), homes

@@ -26,7 +26,8 @@ def build_app(options: dict[str, Any] | None = None, *, replicas: int = 2, repli
     ``replicas`` engine replicas, each reserving ``replica_cpus`` (default: ``options["threads"]`` or 1)
     and taking up to ``max_ongoing_requests`` at once (default 4 x ``max_running``: loramux queues and
     batches inside the replica; Ray holds the rest in its router). ``affinity=False`` keeps Ray's
-    default power-of-two-choices router (the benchmark's baseline).
+    default power-of-two-choices router and sends no multiplexed model id (the benchmark's baseline:
+    routing by queue length only).
     """
     from ray import serve
     from ray.serve.config import RequestRouterConfig
@@ -53,7 +54,7 @@ def build_app(options: dict[str, Any] | None = None, *, replicas: int = 2, repli
         serve.ingress()(LoramuxIngress), name=INGRESS_NAME, num_replicas=1, ray_actor_options={"num_cpus": 0},
         max_ongoing_requests=max(1024, args.max_waiting))
     return ingress.bind(engine.bind(options), options, accept_timeout_s=accept_timeout_s,
-                        item_timeout_s=item_timeout_s)
+                        item_timeout_s=item_timeout_s, affinity=affinity)
 
 
 def app_builder(args: dict[str, Any]) -> Any:

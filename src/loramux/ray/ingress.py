@@ -133,8 +133,11 @@ class RemoteEngine:
     cache = None  # no local cache: a reloaded name gets a new key instead (VersionedNames)
 
     def __init__(self, replicas: Any, registry: Any, described: dict[str, Any], *, accept_timeout_s: float = 60.0,
-                 item_timeout_s: float = 600.0) -> None:
+                 item_timeout_s: float = 600.0, affinity: bool = True) -> None:
         self.replicas = replicas  # DeploymentHandle of EngineReplica
+        # affinity=False (the benchmark's baseline): no multiplexed model id, so that Ray's default router
+        # is plain power of two choices (with an id it too prefers replicas that report the adapter)
+        self.affinity = affinity
         self.registry = registry
         self.names = VersionedNames(registry)
         self.fleet = Fleet()
@@ -162,7 +165,8 @@ class RemoteEngine:
         if adapter is not None:
             path = str(self.registry.path_of(adapter))  # UnknownAdapterError if unloaded meanwhile
             key = self.names.key(adapter)
-        stream = self.replicas.options(stream=True, multiplexed_model_id=key or "").generate.remote(
+        model_id = (key or "") if self.affinity else ""
+        stream = self.replicas.options(stream=True, multiplexed_model_id=model_id).generate.remote(
             prompt, key, path, params)
         assert self.loop is not None, "the ingress app has not served a request yet"
         future = asyncio.run_coroutine_threadsafe(stream.__anext__(), self.loop)
@@ -249,7 +253,7 @@ class LoramuxIngress:
     """The Serve ingress deployment class (``serve.ingress()`` late-binds its ASGI app, see ``app.py``)."""
 
     async def __init__(self, replicas: Any, options: dict[str, Any], accept_timeout_s: float = 60.0,
-                       item_timeout_s: float = 600.0) -> None:
+                       item_timeout_s: float = 600.0, affinity: bool = True) -> None:
         from ..cache import AdapterRegistry
         from ..server.command import build_registry, server_config_options
         from ..server.config import ServerConfig
@@ -260,7 +264,7 @@ class LoramuxIngress:
         self.config = ServerConfig(**server_config_options(args))
         described = await replicas.describe.remote()  # waits for the first engine replica to be up
         self.engine = RemoteEngine(replicas, registry, described, accept_timeout_s=accept_timeout_s,
-                                   item_timeout_s=item_timeout_s)
+                                   item_timeout_s=item_timeout_s, affinity=affinity)
         try:
             from ray import serve
 

@@ -116,7 +116,10 @@ class EngineReplica:
         if thread is None or not thread.is_alive():
             raise RuntimeError(f"replica {self.name}: the engine's step-loop thread is not running")
 
-    def __del__(self) -> None:
-        engine = getattr(self, "engine", None)
-        if engine is not None:
-            engine.shutdown(abort=True, timeout=5.0)
+    def __del__(self) -> None:  # Ray calls it when it stops the replica (scale-down, shutdown)
+        shutdown = getattr(getattr(self, "engine", None), "shutdown", None)
+        if shutdown is not None:
+            try:
+                shutdown(abort=True, timeout=5.0)
+            except Exception as exc:
+                logger.warning("replica %s: engine shutdown failed: %s", getattr(self, "name", "?"), exc)

@@ -49,8 +49,7 @@ class AdapterAffinityRouter(MultiplexMixin, RequestRouter):
         for rid, replica in live.items():
             reported = replica.multiplexed_model_ids
             holds = adapter is not None and (adapter in reported or self._residency.holds(rid, adapter))
-            states.append(ReplicaState(id=rid, in_flight=self._in_flight.get(rid, 0), holds=holds,
-                                       resident=max(len(reported), self._residency.count(rid))))
+            states.append(ReplicaState(id=rid, in_flight=self._in_flight.get(rid, 0), holds=holds))
         ranks = rank_replicas(adapter, states, balance=self._balance, slack=self._slack)
         return [[live[rid] for rid in rank] for rank in ranks]
 

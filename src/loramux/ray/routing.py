@@ -4,19 +4,21 @@ No Ray here (the simulation in ``benchmarks/sim_routing.py`` runs these same fun
 thousand replicas): ``router.py`` feeds them Ray's live view, the simulation feeds them its own.
 
 The policy is *consistent hashing with bounded loads* (Mirrokni, Thorup, Zadimoghaddam 2018) over
-what each replica holds:
+what each replica holds. A replica is under the bound while its in-flight count is below
+``balance * (total_in_flight + 1) / n + slack``. Ranks, most preferred first:
 
-1. replicas that already hold the adapter and whose in-flight count is under the bound
-   ``balance * (total_in_flight + 1) / n + slack`` (least loaded first);
-2. otherwise a new home: the least loaded replica, then the one holding the fewest adapters (its
-   cache evicts least), then the highest rendezvous hash of (adapter, replica) so that routers that
-   see the same loads agree without talking to each other;
-3. then every other replica by load (Ray tries ranks in order and skips replicas whose queue is
-   full, so a request is never stuck behind rank 1).
+1. replicas that already hold the adapter and are under the bound (least loaded first);
+2. otherwise the adapter's *home*: the replicas under the bound in the order of the rendezvous hash
+   of (adapter, replica). The order is stable, so an adapter evicted everywhere comes back to the
+   same replica, each replica's cache holds its own share of the catalogue even when the catalogue
+   is larger than the fleet's capacity, and routers that never talk to each other agree;
+3. then every other replica (over the bound) by load. Ray tries ranks in order and skips replicas
+   whose queue is full, so a request is never stuck behind rank 1.
 
 Step 2 is also how a hot adapter gets more than one replica: when all its holders are over the
-bound the next request lands on a new home, which then holds it too; the number of holders grows
-with the adapter's share of the traffic and shrinks again as cold copies are evicted (LRU).
+bound the next request lands on the next replica in its hash order, which then holds it too; the
+number of holders grows with the adapter's share of the traffic and shrinks again as cold copies
+are evicted (LRU).
 """
 from __future__ import annotations
 
@@ -36,7 +38,6 @@ class ReplicaState:
     id: Hashable
     in_flight: int  # requests sent to it and not finished (queued or running there)
     holds: bool  # the adapter is resident there (or on its way), as far as the router knows
-    resident: int = 0  # adapters it holds
 
 
 def rendezvous(adapter: str, replica_id: Hashable) -> int:
@@ -68,14 +69,11 @@ def rank_replicas(adapter: str | None, replicas: Sequence[ReplicaState], *, bala
         return [[r.id for r in sorted(replicas, key=lambda r: r.in_flight)]]
     bound = load_bound(total, n, balance, slack)
     hrw = {r.id: rendezvous(adapter, r.id) for r in replicas}
-    holders = sorted((r for r in replicas if r.holds), key=lambda r: (r.in_flight, -hrw[r.id]))
-    ok = [r.id for r in holders if r.in_flight < bound]
-    others = sorted((r for r in replicas if not r.holds), key=lambda r: (r.in_flight, r.resident, -hrw[r.id]))
-    ranks: list[list[Hashable]] = []
-    if ok:
-        ranks.append(ok)
-    ranks += [[r.id] for r in others]  # one at a time: Ray must not pick "any" new home in a rank
-    ranks += [[r.id] for r in holders if r.id not in ok]
+    ok = sorted((r for r in replicas if r.holds and r.in_flight < bound), key=lambda r: (r.in_flight, -hrw[r.id]))
+    home = sorted((r for r in replicas if not r.holds and r.in_flight < bound), key=lambda r: -hrw[r.id])
+    busy = sorted((r for r in replicas if r.in_flight >= bound), key=lambda r: (r.in_flight, not r.holds, -hrw[r.id]))
+    ranks: list[list[Hashable]] = [[r.id for r in ok]] if ok else []
+    ranks += [[r.id] for r in home + busy]  # one at a time: Ray must not pick "any" of them
     return ranks
 
 
