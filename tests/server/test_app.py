@@ -412,3 +412,75 @@ def test_reloading_a_name_whose_old_weights_are_still_resident_is_409(engine, wo
     resp = client.post("/v1/load_lora_adapter", json={"lora_name": "fresh", "lora_path": "good"})
     assert_error(resp, 409, "still resident", code="adapter_still_resident")
     assert client.post("/v1/load_lora_adapter", json={"lora_name": "fresh2", "lora_path": "good"}).status_code == 200
+
+
+# ------------------------------------------------------------------ n, batch prompts, logprobs, echo (shapes)
+
+
+def test_batch_prompts_and_n_number_the_choices(client, engine):
+    body = {"model": "a1", "prompt": ["one", "two"], "n": 2, "max_tokens": 2}
+    resp = client.post("/v1/completions", json=body)
+    assert resp.status_code == 200, resp.text
+    out = resp.json()
+    assert [c["index"] for c in out["choices"]] == [0, 1, 2, 3]
+    assert all(c["text"] == "a1:0 a1:1 " for c in out["choices"])
+    assert [s.n for _, _, s in engine.submitted] == [2, 2]  # one engine request per prompt, n sequences each
+    assert out["usage"]["completion_tokens"] == 8
+    with client.stream("POST", "/v1/chat/completions", json={"model": "a1", "messages": [{"role": "user", "content": "x"}],
+                                                              "n": 3, "max_tokens": 2, "stream": True}) as resp:
+        events = sse_events(resp.read().decode())
+    roles = [c["index"] for e in events for c in e["choices"] if c["delta"].get("role")]
+    texts: dict[int, str] = {}
+    for e in events:
+        for c in e["choices"]:
+            texts[c["index"]] = texts.get(c["index"], "") + c["delta"].get("content", "")
+    assert sorted(roles) == [0, 1, 2] and texts == {i: "a1:0 a1:1 " for i in range(3)}
+
+
+def test_completion_logprobs_shape(client, world):
+    out = client.post("/v1/completions", json={"model": "a2", "prompt": [5, 6, 7], "max_tokens": 3, "logprobs": 2}).json()
+    lp = out["choices"][0]["logprobs"]
+    tok = world["tokenizer"]
+    assert lp["tokens"] == [tok.decode([i]) for i in range(3)]
+    assert lp["token_logprobs"] == pytest.approx([-0.1, -0.2, -0.3])
+    assert [v for t in lp["top_logprobs"] for v in t.values()] == pytest.approx([-0.2, -0.3, -0.3, -0.4, -0.4, -0.5])
+    offsets = [0]
+    for t in lp["tokens"][:-1]:
+        offsets.append(offsets[-1] + len(t))
+    assert lp["text_offset"] == offsets
+    echo = client.post("/v1/completions", json={"model": "a2", "prompt": [5, 6, 7], "max_tokens": 3, "logprobs": 1,
+                                                "echo": True}).json()["choices"][0]
+    assert echo["text"] == tok.decode([5, 6, 7]) + "a2:0 a2:1 a2:2 "
+    assert echo["logprobs"]["token_logprobs"][:3] == [None, pytest.approx(-0.7), pytest.approx(-0.8)]
+    assert echo["logprobs"]["top_logprobs"][0] is None and len(echo["logprobs"]["tokens"]) == 6
+
+
+def test_chat_logprobs_shape(client, world):
+    body = {"model": "a2", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2, "logprobs": True,
+            "top_logprobs": 2}
+    choice = client.post("/v1/chat/completions", json=body).json()["choices"][0]
+    content = choice["logprobs"]["content"]
+    assert choice["logprobs"]["refusal"] is None and len(content) == 2
+    tok = world["tokenizer"]
+    assert content[0] == {"token": tok.decode([0]), "logprob": pytest.approx(-0.1), "bytes": list(tok.decode([0]).encode()),
+                          "top_logprobs": [{"token": tok.decode([1]), "logprob": pytest.approx(-0.2),
+                                            "bytes": list(tok.decode([1]).encode())},
+                                           {"token": tok.decode([2]), "logprob": pytest.approx(-0.3),
+                                            "bytes": list(tok.decode([2]).encode())}]}
+    assert_error(client.post("/v1/chat/completions", json={**body, "logprobs": False}), 400, "needs logprobs: true")
+
+
+def test_options_reach_the_engine_as_sampling_params(client, engine):
+    client.post("/v1/completions", json={"model": "a1", "prompt": "x", "max_tokens": 2, "logit_bias": {"5": -100, "7": 2.5},
+                                         "temperature": 1e-7, "response_format": {"type": "json_object"}})
+    params = engine.submitted[0][2]
+    assert dict(params.logit_bias) == {5: -100.0, 7: 2.5} and params.greedy and callable(params.constraint)
+    assert params.constraint() is not params.constraint()  # one state per sequence
+
+
+def test_openapi_documents_every_route(client):
+    spec = client.get("/openapi.json").json()
+    for path, method in [("/v1/completions", "post"), ("/v1/chat/completions", "post"), ("/v1/models", "get"),
+                         ("/v1/models/{model_id}", "get"), ("/health", "get")]:
+        assert "$ref" in json.dumps(spec["paths"][path][method]["responses"]["200"]), path
+    assert client.get("/docs").status_code == 200

@@ -12,6 +12,7 @@ sees the same inputs every run.
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import pytest
 from fastapi.testclient import TestClient
@@ -105,7 +106,11 @@ def with_model(body_strategy):
     return st.tuples(body_strategy, st.sampled_from(MODELS)).map(lambda t: {**t[0], "model": t[1]})
 
 
+STATUSES: Counter = Counter()  # what the fuzz got, by path and status (asserted at the end: it reached generation)
+
+
 def check(resp) -> None:
+    STATUSES[resp.request.url.path, resp.status_code] += 1
     assert resp.status_code < 500, resp.text[:500]
     if resp.status_code >= 400:
         body = resp.json()
@@ -176,3 +181,6 @@ def test_server_is_healthy_after_the_fuzz(app_client, oracle):
     resp = client.post("/v1/completions", json={"model": "a1", "prompt": "hello world", "max_tokens": 6, "temperature": 0})
     assert resp.status_code == 200 and resp.json()["choices"][0]["text"] == oracle.completion("hello world", "a1", 6)
     assert 'status="500"' not in client.get("/metrics").text
+    print(dict(STATUSES))
+    for path in ("/v1/completions", "/v1/chat/completions"):  # not all refused at the door
+        assert STATUSES[path, 200] >= 5 and sum(n for (p, s), n in STATUSES.items() if p == path and s == 400) >= 5
