@@ -64,6 +64,8 @@ async def drive(url: str, names: list[str], clients: int, max_tokens: int) -> di
             r = await http.post(url + "/v1/completions", json=body, timeout=600)
             if r.status_code != 200:
                 errors += 1
+                if errors <= 3:
+                    print(f"error {r.status_code}: {r.text[:300]}", file=sys.stderr)
                 continue
             tokens += r.json()["usage"]["completion_tokens"]
             served[name].append(r.headers["x-loramux-replica"])

@@ -54,6 +54,14 @@ def _lost_output(request_id: str, message: str) -> Any:
 LostOutput: Any = None  # defined on first use: importing loramux.engine pulls in torch
 
 
+def _failed_output(request_id: str, message: str) -> Any:
+    from ..engine import RequestOutput
+    from ..engine.failures import Failure, FailureKind
+
+    return RequestOutput(request_id, None, [], "", finished=True, finish_reason="error", error=message,
+                         failure=Failure(FailureKind.MODEL_ERROR, message))
+
+
 class ReplicaUnavailable(Exception):
     """No replica accepted the request in time, or the chosen one died before accepting it."""
 
@@ -96,12 +104,13 @@ class RemoteHandle:
                 raise
             except Exception as exc:  # ActorDiedError & co: the replica is gone; or it stalled past the guard
                 self._done = True
+                logger.warning("request on replica %s failed: %s: %s", self.replica, type(exc).__name__, exc)
                 if isinstance(exc, asyncio.TimeoutError) or _is_replica_failure(exc):
                     fleet.lost(self.replica)
-                logger.warning("request on replica %s failed: %s: %s", self.replica, type(exc).__name__, exc)
-                message = (f"replica {self.replica} failed while running this request ({type(exc).__name__}); "
-                           "retry: Ray Serve routes new requests to the live replicas")
-                yield _lost_output(self.request_id, message)
+                    yield _lost_output(self.request_id, f"replica {self.replica} failed while running this request "
+                                       f"({type(exc).__name__}); retry: Ray Serve routes new requests to live replicas")
+                else:  # an exception raised inside the replica: a fault of ours (500), the replica lives on
+                    yield _failed_output(self.request_id, f"replica {self.replica}: {type(exc).__name__}")
                 return
             if isinstance(item, ReplicaStats):
                 fleet.update(item)
