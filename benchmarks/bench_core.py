@@ -14,14 +14,17 @@ all 7 linear projections of every layer (``init_lora_weights=False``: non-zero B
 Machines here are shared and noisy: the three models (plain base, loramux, PEFT) run interleaved in
 rounds with a rotating order, and only ratios within this run are reported. Prefill and decode are
 measured twice: on 2 threads by wall time (the targets), and on 1 thread by that thread's CPU time
-(3' and 4': the work itself, which other users of the machine cannot stretch). OpenMP workers wait
-passively unless OMP_WAIT_POLICY is set: spinning workers on an oversubscribed machine made runs 2-5x
-slower; passive waits cost each parallel region a wake-up instead, which weighs on the many small
-LoRA matmuls, so the 2-thread ratios err against loramux. Forwards keep the logits
+(3' and 4': the work itself, which other users of the machine cannot stretch). OpenMP waits follow
+libgomp's default unless OMP_WAIT_POLICY is set (see below). Forwards keep the logits
 of the last position only (``logits_to_keep=1``, what ``generate`` does), so the vocabulary projection
-does not dilute the LoRA overhead.
+does not dilute the LoRA overhead. "base" is plain transformers (MKL); loramux's own base linears run
+the decode GEMM kernel (dense_kernel.py), so its decode rows include that gain.
+
+First, the decode-step table of issue 13 (bench_steps.py): plain transformers and loramux at B1 and B16,
+base rows and 4 mixed adapters, against the floor (stream bandwidth, sgemm peak) measured in the same run.
 
     make bench                          # full run, a few minutes on 2 cores
+    .venv/bin/python benchmarks/bench_core.py --steps-only    # the step table only, printed
     BENCH_QUICK=1 make bench            # smoke run, fewer repetitions
     .venv/bin/python benchmarks/bench_core.py --no-write   # print only, leave BENCHMARKS.md alone
 """
@@ -43,14 +46,16 @@ import time
 import warnings
 from pathlib import Path
 
-# Idle OpenMP workers sleep instead of spinning (unless the caller chose otherwise). On a shared,
-# oversubscribed machine spinning workers steal the time slices their partner thread needs, which
-# made every forward 2-5x slower and turned the ratios into counts of parallel regions. Must be set
-# before torch starts its thread pool.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# OpenMP wait policy: libgomp's default (spin a while, then sleep) unless the caller sets one. PASSIVE
+# (sleep at once) was this script's default until the decode GEMM kernel: in this VM every parallel
+# region then paid a futex wake-up of the other vCPU, ~200 us, and a decode step has ~211 of them
+# (the 211 matmuls of a B1 step: 82 ms PASSIVE against 21 ms default, 2 threads). ACTIVE spins for
+# ever and is 2-5x slower on an oversubscribed machine. The policy in force is printed and recorded.
+OMP_POLICY = os.environ.get("OMP_WAIT_POLICY", "default (unset)")
 
 import torch  # noqa: E402
 from bench_common import MD_PATH, RANKS, build_base, make_peft_adapters, rss_bytes, write_section  # noqa: E402
+from bench_steps import bench_steps, step_lines, step_rows  # noqa: E402
 
 warnings.filterwarnings("ignore")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -60,8 +65,9 @@ THREADS = int(os.environ.get("BENCH_THREADS", "2"))
 N_ADAPTERS = 16
 BATCH, PROMPT = 8, 128
 REPS = dict(load_rounds=1 if QUICK else 2, memory_cycles=1 if QUICK else 2, set_lm=3 if QUICK else 7, set_peft=3 if QUICK else 9,
-            prefill=1 if QUICK else 4, prefill_1t=1 if QUICK else 3, decode=3 if QUICK else 15)
+            prefill=1 if QUICK else 4, prefill_1t=1 if QUICK else 3, decode=3 if QUICK else 15, steps=3 if QUICK else 9)
 START, END = "<!-- core:start -->", "<!-- core:end -->"
+STEPS_START, STEPS_END = "<!-- steps:start -->", "<!-- steps:end -->"
 
 
 # ---------------------------------------------------------------------------- setup
@@ -301,9 +307,38 @@ def extra_lines(res: dict) -> list[str]:
     return lines
 
 
+def print_steps(res: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"decode steps against the floor ({torch.get_num_threads()} threads, "
+                        f"load average {res['steps']['load']:.1f})")
+    for col in ("step", "ms", "/ floor", "target", "met"):
+        table.add_column(col)
+    for *cells, met in step_rows(res["steps"]):
+        table.add_row(*cells, "" if met is None else "[green]yes[/]" if met else "[red]no[/]")
+    console = Console()
+    console.print(table)
+    for line in step_lines(res["steps"]):
+        console.print(line)
+
+
+def steps_markdown(res: dict) -> list[str]:
+    out = ["", f"Decode steps against the floor measured in the same run (load average {res['steps']['load']:.1f}; "
+               "medians of interleaved rounds; 128 cached tokens; see benchmarks/bench_steps.py):", "",
+           "| step | ms | / floor | target | met |", "|---|---|---|---|---|"]
+    out += [f"| {' | '.join(cells)} | {'' if met is None else 'yes' if met else '**no**'} |" for *cells, met in step_rows(res["steps"])]
+    return out + [""] + [f"- {line}" for line in step_lines(res["steps"])]
+
+
 def print_table(res: dict) -> None:
     from rich.console import Console
     from rich.table import Table
+
+    if "steps" in res:
+        print_steps(res)
+    if "load" not in res:
+        return
 
     table = Table(title=f"loramux core benchmark ({torch.get_num_threads()} threads{', QUICK' if QUICK else ''})")
     for col in ("measure", "loramux", "PEFT", "ratio / base", "target", "met"):
@@ -319,7 +354,7 @@ def print_table(res: dict) -> None:
 def markdown(res: dict, command: str) -> str:
     env = (f"torch {torch.__version__}, transformers {res['versions']['transformers']}, peft {res['versions']['peft']}, "
            f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-           f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}")
+           f"OMP_WAIT_POLICY={OMP_POLICY}")
     out = [START, "## Core benchmark", "",
            f"Command: `{command}`{' (BENCH_QUICK=1: fewer repetitions)' if QUICK else ''}; run {res['date']}; {env}; "
            f"{res['runtime'] / 60:.0f} min; 1-min load average {res['load_before']:.1f} at start, {res['load_after']:.1f} "
@@ -329,8 +364,12 @@ def markdown(res: dict, command: str) -> str:
            "medians after warm-up; forwards keep the last position's logits only. Ratios are what to compare "
            "(the machine is shared).", "",
            "| measure | loramux | PEFT | ratio | target | met |", "|---|---|---|---|---|---|"]
-    out += [f"| {' | '.join(c.strip() for c in cells)} | {'yes' if met else '**no**'} |" for *cells, met in rows(res)]
-    out += [""] + [f"- {line}" for line in extra_lines(res)] + [END]
+    if "load" in res:
+        out += [f"| {' | '.join(c.strip() for c in cells)} | {'yes' if met else '**no**'} |" for *cells, met in rows(res)]
+        out += [""] + [f"- {line}" for line in extra_lines(res)]
+    if "steps" in res:
+        out += steps_markdown(res)
+    out += [END]
     return "\n".join(out) + "\n"
 
 
@@ -338,6 +377,7 @@ def markdown(res: dict, command: str) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--no-write", action="store_true", help="print the table, leave BENCHMARKS.md alone")
+    parser.add_argument("--steps-only", action="store_true", help="only the decode-step table against the floor")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
@@ -345,7 +385,7 @@ def main() -> int:
         return 0
     torch.set_num_threads(THREADS)
     print(f"torch.set_num_threads({THREADS}) -> torch.get_num_threads() = {torch.get_num_threads()}; "
-          f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}; quick={QUICK}")
+          f"OMP_WAIT_POLICY={OMP_POLICY}; quick={QUICK}")
     import peft
     import transformers
     from loramux import MultiLoraModel
@@ -357,6 +397,20 @@ def main() -> int:
            "versions": {"transformers": transformers.__version__, "peft": peft.__version__}}
     t_start = time.perf_counter()
     base = build_base()
+    with tempfile.TemporaryDirectory(prefix="loramux-bench-steps-") as tmp:
+        res["steps"] = bench_steps(base, REPS["steps"], Path(tmp))
+    print(f"decode-step table done at {time.perf_counter() - t_start:.0f} s")
+    if args.steps_only:
+        res["load_after"], res["runtime"] = os.getloadavg()[0], time.perf_counter() - t_start
+        print_table(res)
+        if not args.no_write:  # its own section: the full run's core section stays as it was
+            write_section(STEPS_START, STEPS_END, "\n".join(
+                [STEPS_START, "## Decode steps against the floor (bench_core.py --steps-only)", "",
+                 f"Command: `.venv/bin/python benchmarks/bench_core.py --steps-only`; run {res['date']}; torch {torch.__version__}, "
+                 f"{torch.get_num_threads()} threads, OMP_WAIT_POLICY={OMP_POLICY}; {res['runtime'] / 60:.0f} min; 1-min load "
+                 f"average {res['load_before']:.1f} at start, {res['load_after']:.1f} at end."] + steps_markdown(res) + [STEPS_END]) + "\n")
+            print(f"wrote the steps section of {MD_PATH}")
+        return 0
     with tempfile.TemporaryDirectory(prefix="loramux-bench-") as tmp:
         adapters = make_adapters(base, Path(tmp))
         names = [name for name, _, _ in adapters]

@@ -178,3 +178,37 @@ def test_no_vector_isa_means_no_build(monkeypatch):
     monkeypatch.setattr(cpu_kernel, "isa", lambda: None)
     monkeypatch.setattr(dense_kernel, "_state", {})
     assert dense_kernel.load() is None
+
+
+@pytest.mark.parametrize("d", [576, 37, 5, 64])
+def test_fused_rms_norm_equals_llama_rms_norm(kernel, d, threads):
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    norm = LlamaRMSNorm(d, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.normal_()
+    g = torch.Generator().manual_seed(d)
+    x = torch.randn(3, 11, d, generator=g) * 3
+    with torch.inference_mode():
+        expected = norm(x)
+        got = kernel.rms_norm(x, norm.weight, norm.variance_epsilon)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+        rows = x.reshape(-1, d)
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            assert torch.equal(kernel.rms_norm(rows[4:5], norm.weight, 1e-5), got.reshape(-1, d)[4:5])
+            assert torch.equal(kernel.rms_norm(rows, norm.weight, 1e-5), got.reshape(-1, d))
+
+
+def test_install_fuses_llama_norms_only_and_uninstall_restores(kernel):
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    model = tiny_llama(seed=10)
+    norms = [n for n, m in model.named_modules() if type(m) is LlamaRMSNorm]
+    dense_kernel.install(model)
+    for name in norms:
+        module = model.get_submodule(name)
+        assert isinstance(module, LlamaRMSNorm) and type(module).__name__ == "FusedLlamaRMSNorm"
+    dense_kernel.uninstall(model)
+    assert all(type(model.get_submodule(n)) is LlamaRMSNorm for n in norms)
+    assert not any(type(m) is DecodeLinear for m in model.modules())

@@ -90,9 +90,16 @@ def build_extension(name: str, source: Path, flags: list[str], label: str, verbo
 
     Shared by the kernels of the package (grouped LoRA here, the dense decode GEMM in dense_kernel.py):
     ``name`` must encode the flags' ISA so that a build for one CPU is never loaded on a lesser one.
+    The module name also carries a hash of the source, the flags and torch's version: checkouts of
+    different versions sharing one ``$LORAMUX_HOME`` (seen here: several developers' test runs) each
+    get their own build instead of rebuilding over each other's and loading a binary of another source.
     """
+    import hashlib
+
     from torch.utils import cpp_extension
 
+    digest = hashlib.sha256(source.read_bytes() + "\0".join([*flags, torch.__version__]).encode()).hexdigest()[:12]
+    name = f"{name}_{digest}"
     directory = build_dir() / name
     try:
         directory.mkdir(parents=True, exist_ok=True)

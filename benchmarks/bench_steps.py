@@ -1,0 +1,168 @@
+"""The decode-step table (issue 13): plain transformers and loramux against the machine's floor, in one run.
+
+The floor is measured in the same run, interleaved with the steps: the streaming bandwidth of a
+256 MiB ``sum()`` and the peak of a large sgemm (2048^3, MKL). A decode step of B rows must at least
+read every weight of the base model once and do its FLOPs, so
+
+    floor(B) = max(weight bytes / bandwidth, 2 * B * weight count / sgemm peak)
+
+Rows: plain transformers (its nn.Linear, MKL) and loramux (``MultiLoraModel``: the decode GEMM kernel
+on every linear, the grouped-LoRA kernel) at B1 and B16, base rows and rows over 4 adapters of
+different ranks and targets; each step appends one token to a 128-token KV cache (cropped back before
+the next), keeps the last position's logits (``logits_to_keep=1``). Medians over interleaved rounds.
+
+    .venv/bin/python benchmarks/bench_core.py --steps-only     # this table alone (~3 min)
+"""
+from __future__ import annotations
+
+import copy
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+CONTEXT = 128
+TARGETS = {  # rank -> target modules: different ranks and different layers per adapter
+    8: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    16: ["q_proj", "v_proj"],
+    32: ["gate_proj", "up_proj", "down_proj"],
+    64: ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"],
+}
+
+
+def make_mixed_adapters(base, root: Path) -> list[Path]:
+    """4 PEFT adapters (ranks 8/16/32/64, targets as ``TARGETS``, non-zero B), saved under ``root``."""
+    from peft import LoraConfig, get_peft_model
+
+    paths = []
+    for i, (rank, targets) in enumerate(TARGETS.items()):
+        torch.manual_seed(200 + i)
+        peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets,
+                                                                    lora_dropout=0.0, init_lora_weights=False))
+        path = root / f"m{i}_r{rank}"
+        peft_model.save_pretrained(str(path))
+        paths.append(path)
+        del peft_model
+    return paths
+
+
+def weight_stats(model) -> tuple[int, int]:
+    """(bytes, element count) of the weights a decode step reads: every nn.Linear's weight once (tied ones once)."""
+    seen = {}
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            seen[module.weight.data_ptr()] = module.weight
+    return sum(w.numel() * w.element_size() for w in seen.values()), sum(w.numel() for w in seen.values())
+
+
+class Floor:
+    """Streaming bandwidth (256 MiB sum) and sgemm peak (2048^3), sampled once per round."""
+
+    def __init__(self) -> None:
+        self.big = torch.empty(64 * 2**20).normal_()   # 256 MiB of float32
+        self.a = torch.randn(2048, 2048)
+        self.bw: list[float] = []
+        self.peak: list[float] = []
+
+    def sample(self) -> None:
+        t0 = time.perf_counter()
+        self.big.sum()
+        self.bw.append(self.big.numel() * 4 / (time.perf_counter() - t0))
+        t0 = time.perf_counter()
+        torch.mm(self.a, self.a)
+        self.peak.append(2 * 2048**3 / (time.perf_counter() - t0))
+
+    def seconds(self, batch: int, nbytes: int, count: int) -> float:
+        bw, peak = statistics.median(self.bw), statistics.median(self.peak)
+        return max(nbytes / bw, 2 * batch * count / peak)
+
+
+def _step_calls(models: dict, rows: dict, generator_seed: int = 7) -> tuple[dict, dict]:
+    """One decode-step closure per (label -> (model, batch, adapter_names)), each on its own KV cache."""
+    calls, caches = {}, {}
+    prefilled = {}
+    for label, (model, batch, names) in rows.items():
+        g = torch.Generator().manual_seed(generator_seed)
+        ids = torch.randint(3, 49152, (batch, CONTEXT), generator=g)
+        if batch not in prefilled:  # one prefill per batch size (on the plain model); runners copy it
+            prefilled[batch] = models["plain"](input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values
+        caches[label] = copy.deepcopy(prefilled[batch])
+        nxt = torch.randint(3, 49152, (batch, 1), generator=g)
+        mask = torch.ones(batch, CONTEXT + 1, dtype=torch.long)
+        pos = torch.full((batch, 1), CONTEXT, dtype=torch.long)
+        extra = {} if names is None else {"adapter_names": names}
+        calls[label] = (lambda m=models[model], k=label, nxt=nxt, mask=mask, pos=pos, extra=extra:
+                        m(input_ids=nxt, attention_mask=mask, position_ids=pos, past_key_values=caches[k], use_cache=True,
+                          logits_to_keep=1, **extra))
+    return calls, caches
+
+
+def bench_steps(base, reps: int, root: Path) -> dict:
+    """The step table's measurements: seconds per step (median) per row, the floor's samples, weight stats."""
+    from loramux import MultiLoraModel
+
+    plain = base
+    lm = MultiLoraModel(copy.deepcopy(base))
+    paths = make_mixed_adapters(plain, root)
+    names = []
+    for path in paths:
+        lm.load_adapter(path, adapter_name=path.name)
+        names.append(path.name)
+    mixed16 = [names[i % 4] for i in range(16)]
+    rows = {"plain B1": ("plain", 1, None), "loramux B1 base": ("lm", 1, ["__base__"]),
+            "loramux B1 adapter r8": ("lm", 1, [names[0]]),
+            "plain B16": ("plain", 16, None), "loramux B16 base": ("lm", 16, ["__base__"] * 16),
+            "loramux B16 mixed 4 adapters": ("lm", 16, mixed16)}
+    nbytes, count = weight_stats(plain)
+    floor = Floor()
+    with torch.inference_mode():
+        calls, caches = _step_calls({"plain": plain, "lm": lm}, rows)
+        times = {k: [] for k in calls}
+        keys = list(calls)
+
+        def run(k):
+            cache = caches[k]
+            extra = cache.get_seq_length() - CONTEXT
+            if extra:
+                cache.crop(-extra)
+            t0 = time.perf_counter()
+            calls[k]()
+            return time.perf_counter() - t0
+
+        for k in keys:  # warm-up: first-call costs, kernel loads
+            run(k), run(k)
+        for r in range(reps):
+            floor.sample()
+            for k in keys[r % len(keys):] + keys[:r % len(keys)]:
+                times[k].append(run(k))
+    return {"times": {k: statistics.median(v) for k, v in times.items()}, "samples": times,
+            "bw": floor.bw, "peak": floor.peak, "nbytes": nbytes, "count": count,
+            "floor": {b: floor.seconds(b, nbytes, count) for b in (1, 16)}, "load": os.getloadavg()[0]}
+
+
+def step_rows(res: dict) -> list[tuple[str, str, str, str, bool | None]]:
+    """(row, ms per step, / floor, target, met) for printing and BENCHMARKS.md."""
+    t, fl = res["times"], res["floor"]
+    targets = {"loramux B1 base": 1.3, "loramux B16 mixed 4 adapters": 2.0}
+    out = []
+    for label, seconds in t.items():
+        batch = 16 if "B16" in label else 1
+        ratio = seconds / fl[batch]
+        target = targets.get(label)
+        out.append((label, f"{seconds * 1e3:.1f}", f"{ratio:.2f}", f"<= {target}" if target else "",
+                    None if target is None else ratio <= target))
+    return out
+
+
+def step_lines(res: dict) -> list[str]:
+    bw, peak = statistics.median(res["bw"]), statistics.median(res["peak"])
+    t = res["times"]
+    return [f"floor: {res['nbytes'] / 2**20:.0f} MiB of weights per step at {bw / 1e9:.1f} GB/s (256 MiB sum(), "
+            f"range {min(res['bw']) / 1e9:.1f}-{max(res['bw']) / 1e9:.1f}) = {res['floor'][1] * 1e3:.1f} ms at B1; "
+            f"B16: max(that, {2 * 16 * res['count'] / 1e9:.1f} GFLOP at {peak / 1e9:.0f} GFLOP/s sgemm) = "
+            f"{res['floor'][16] * 1e3:.1f} ms",
+            f"loramux / plain transformers: B1 {t['plain B1'] / t['loramux B1 base']:.2f}x faster, "
+            f"B16 {t['plain B16'] / t['loramux B16 base']:.2f}x faster (base rows); B16 mixed / B16 base "
+            f"{t['loramux B16 mixed 4 adapters'] / t['loramux B16 base']:.2f}"]
