@@ -22,7 +22,7 @@ def fake_adapter(path, numel: int = 250):
     from safetensors.torch import save_file
 
     path.mkdir(parents=True)
-    (path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 1, "lora_alpha": 1}))
+    (path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 1, "lora_alpha": 1, "target_modules": ["x"]}))
     half = numel // 2
     save_file({"base_model.model.x.lora_A.weight": torch.ones(1, half, dtype=torch.float16),
                "base_model.model.x.lora_B.weight": torch.ones(numel - half, 1, dtype=torch.float16)},
@@ -94,6 +94,8 @@ def wait_resident(cache: AdapterCache, name: str) -> None:
     deadline = time.monotonic() + GUARD_S
     while not cache.is_resident(name):
         assert time.monotonic() < deadline, f"{name} never loaded"
+        if not cache.is_loading(name) and not cache.is_resident(name):
+            raise AssertionError(f"the load of {name} failed: {cache.take_failures()}")
         time.sleep(0.002)
 
 

@@ -9,12 +9,18 @@ unregistered or re-pointed in the registry stops being served and leaves once un
 model a host-memory tier keeps parsed adapters in RAM between disk and device, so a re-load after
 eviction skips the disk and the parsing.
 
-The engine's scheduler decides *when* to load and *what* may be evicted (it knows who waits);
-this module does the bookkeeping and the work. All methods but the loader's are meant for one
-thread (the engine's step loop); the loader thread only touches state under ``_lock``.
+Each adapter the cache knows has one ``AdapterRecord`` with one pin count, and every change of its
+state goes through ``_move`` (the table ``_TRANSITIONS``): LOADING -> RESIDENT -> RETIRING -> gone
+(a load that fails leaves from LOADING; an adapter re-pointed or unregistered while loading goes to
+RETIRING and leaves when its load ends). The engine's scheduler decides *when* to load and *what* may
+be evicted, with pure functions over ``snapshot()`` (``loramux.engine.policy``); this module does the
+bookkeeping and the work (``begin_load``, ``acquire``/``release``, evictions). All methods but the
+loader's are meant for one thread (the engine's step loop); the loader thread only touches state
+under ``_lock``.
 """
 from __future__ import annotations
 
+import enum
 import json
 import logging
 import struct
@@ -60,14 +66,64 @@ def estimate_nbytes(path: Path, element_size: int) -> int:
         return 0
 
 
+class AdapterState(str, enum.Enum):
+    LOADING = "loading"    # being read and written into a model slot on the loader thread
+    RESIDENT = "resident"  # in the model and servable; running requests pin it
+    RETIRING = "retiring"  # unregistered or re-pointed: no new requests; evicted once unpinned (and loaded)
+
+
+# every allowed change of state; None = not in the cache (never loaded, evicted, or its load failed)
+_TRANSITIONS: dict[AdapterState | None, frozenset[AdapterState | None]] = {
+    None: frozenset({AdapterState.LOADING, AdapterState.RESIDENT}),  # RESIDENT: adopted from the model
+    AdapterState.LOADING: frozenset({AdapterState.RESIDENT, AdapterState.RETIRING, None}),
+    AdapterState.RESIDENT: frozenset({AdapterState.RETIRING, None}),
+    AdapterState.RETIRING: frozenset({None}),
+}
+
+
 @dataclass
-class _Entry:
-    state: str  # "loading" | "resident"
-    nbytes: int  # estimate while loading, the model's figure once resident
+class AdapterRecord:
+    """The cache's one record of an adapter; ``pins`` counts the running requests that use it."""
+
+    name: str
+    state: AdapterState
+    nbytes: int  # estimate while loading, the model's figure once loaded
     pins: int = 0
     tick: int = 0  # last use, for LRU
     permanent: bool = False  # loaded before the cache existed and not in the registry: cannot reload
-    stale: bool = False  # unregistered or re-pointed: no new requests; evicted once unpinned
+    loaded: bool = False  # its weights are in the model (RESIDENT, or RETIRING after its load ended)
+
+
+@dataclass(frozen=True)
+class RecordView:
+    name: str
+    state: AdapterState
+    nbytes: int
+    pins: int
+    tick: int
+    permanent: bool
+    loaded: bool
+
+
+@dataclass(frozen=True)
+class CacheView:
+    """A consistent copy of the cache's records and limits: what the policy functions decide on."""
+
+    records: tuple[RecordView, ...]
+    max_loaded: int | None
+    max_bytes: int | None
+    max_concurrent_loads: int
+
+    def get(self, name: str) -> RecordView | None:
+        return next((r for r in self.records if r.name == name), None)
+
+    def is_resident(self, name: str | None) -> bool:
+        r = self.get(name) if name is not None else None
+        return name is None or (r is not None and r.state is AdapterState.RESIDENT)
+
+    @property
+    def loads_in_flight(self) -> int:
+        return sum(not r.loaded for r in self.records)
 
 
 class AdapterCache:
@@ -93,7 +149,7 @@ class AdapterCache:
         self.max_loaded, self.max_bytes, self.max_concurrent_loads = max_loaded, max_bytes, max_concurrent_loads
         self.on_change = on_change
         self._lock = threading.Lock()
-        self._entries: dict[str, _Entry] = {}
+        self._entries: dict[str, AdapterRecord] = {}
         self._failures: dict[str, BaseException] = {}
         self._tick = 0
         self._pool = ThreadPoolExecutor(max_concurrent_loads, thread_name_prefix="loramux-load")
@@ -108,37 +164,60 @@ class AdapterCache:
             if permanent and info.path is not None and Path(info.path, _CONFIG).is_file():
                 self.registry.register(name, info.path)
                 permanent = False
-            self._entries[name] = _Entry("resident", int(info.nbytes), permanent=permanent)
+            record = self._entries[name] = AdapterRecord(name, AdapterState.RESIDENT, int(info.nbytes),
+                                                         permanent=permanent, loaded=True)
         self.registry.add_listener(self._registry_changed)
 
+    # -- the state machine ----------------------------------------------------------------------
+    def _move(self, record: AdapterRecord, to: AdapterState | None) -> None:
+        """The one place a record changes state (``_lock`` held); ``None`` removes it."""
+        if to not in _TRANSITIONS[record.state]:
+            raise RuntimeError(f"adapter {record.name!r}: no transition {record.state.value} -> {to}")
+        logger.debug("adapter %s: %s -> %s", record.name, record.state.value, to.value if to else "gone")
+        if to is None:
+            del self._entries[record.name]
+        else:
+            record.state = to
+
+    def _touch(self, record: AdapterRecord) -> None:
+        self._tick += 1
+        record.tick = self._tick
+
     # -- queries ------------------------------------------------------------------------------
+    def snapshot(self) -> CacheView:
+        """The records and limits as they are now (what ``loramux.engine.policy`` decides on)."""
+        with self._lock:
+            return CacheView(tuple(RecordView(r.name, r.state, r.nbytes, r.pins, r.tick, r.permanent, r.loaded)
+                                   for r in self._entries.values()),
+                             self.max_loaded, self.max_bytes, self.max_concurrent_loads)
+
     def is_resident(self, name: str | None) -> bool:
         if name is None:
             return True
         with self._lock:
-            entry = self._entries.get(name)
-            return entry is not None and entry.state == "resident" and not entry.stale
+            record = self._entries.get(name)
+            return record is not None and record.state is AdapterState.RESIDENT
 
     def is_loading(self, name: str) -> bool:
         with self._lock:
-            entry = self._entries.get(name)
-            return entry is not None and entry.state == "loading"
+            record = self._entries.get(name)
+            return record is not None and not record.loaded and record.state is not AdapterState.RESIDENT
 
     def pins(self, name: str) -> int:
         with self._lock:
-            entry = self._entries.get(name)
-            return entry.pins if entry else 0
+            record = self._entries.get(name)
+            return record.pins if record else 0
 
     def resident(self) -> list[str]:
         with self._lock:
-            return [n for n, e in self._entries.items() if e.state == "resident" and not e.stale]
+            return [n for n, r in self._entries.items() if r.state is AdapterState.RESIDENT]
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
-            resident = [e for e in self._entries.values() if e.state == "resident"]
-            return {**self.counters, "resident_adapters": len(resident), "resident_bytes": sum(e.nbytes for e in resident),
-                    "loading": sum(e.state == "loading" for e in self._entries.values()),
-                    "pinned": sum(e.pins > 0 for e in resident), "host_tier_adapters": len(self._host or ())}
+            loaded = [r for r in self._entries.values() if r.loaded]
+            return {**self.counters, "resident_adapters": len(loaded), "resident_bytes": sum(r.nbytes for r in loaded),
+                    "loading": sum(not r.loaded for r in self._entries.values()),
+                    "pinned": sum(r.pins > 0 for r in loaded), "host_tier_adapters": len(self._host or ())}
 
     def record(self, hit: bool) -> None:
         self.counters["hits" if hit else "misses"] += 1
@@ -149,36 +228,34 @@ class AdapterCache:
         if name is None:
             return True
         with self._lock:
-            entry = self._entries.get(name)
-            if entry is None or entry.state != "resident" or entry.stale:
+            record = self._entries.get(name)
+            if record is None or record.state is not AdapterState.RESIDENT:
                 return False
-            entry.pins += 1
-            self._tick += 1
-            entry.tick = self._tick
+            record.pins += 1
+            self._touch(record)
             return True
 
     def release(self, name: str | None) -> None:
         if name is None:
             return
         with self._lock:
-            entry = self._entries.get(name)
-            if entry is None or entry.pins == 0:
+            record = self._entries.get(name)
+            if record is None or record.pins == 0:
                 return
-            entry.pins -= 1
-            self._tick += 1
-            entry.tick = self._tick
-            drop = entry.stale and entry.pins == 0
+            record.pins -= 1
+            self._touch(record)
+            drop = record.state is AdapterState.RETIRING and record.pins == 0
         if drop:
             self._evict(name)
 
     def _registry_changed(self, name: str) -> None:
         """``name`` was unregistered or re-pointed: stop serving the resident copy, drop it once unused."""
         with self._lock:
-            entry = self._entries.get(name)
-            if entry is None or entry.permanent:
+            record = self._entries.get(name)
+            if record is None or record.permanent or record.state is AdapterState.RETIRING:
                 return
-            entry.stale = True
-            drop = entry.state == "resident" and entry.pins == 0
+            self._move(record, AdapterState.RETIRING)
+            drop = record.loaded and record.pins == 0
         if drop:
             self._evict(name)
 
@@ -189,78 +266,48 @@ class AdapterCache:
             failures, self._failures = self._failures, {}
             return failures
 
-    def start_load(self, name: str, protected: frozenset[str] = frozenset(), force: bool = False,
-                   keep: frozenset[str] = frozenset()) -> str:
-        """Begin loading ``name`` in the background if it fits now, evicting unpinned LRU adapters.
-
-        Adapters in ``protected`` (wanted by waiting requests) are evicted only with ``force``, and
-        those in ``keep`` (wanted by requests queued ahead of this load's) never.
-        Returns ``"resident"``, ``"loading"`` (started now or before), ``"busy"`` (too many loads in
-        flight) or ``"full"`` (no room until pinned adapters are released). Raises ``AdapterError``
-        if it can never fit, ``UnknownAdapterError`` if it is not registered.
-        """
+    def estimate(self, name: str) -> tuple[Path, int]:
+        """(directory, bytes once loaded) of a registered adapter, from its file header; raises
+        ``UnknownAdapterError`` if it is not registered."""
         path = self.registry.path_of(name)
+        return path, estimate_nbytes(path, self._element_size)
+
+    def begin_load(self, name: str, path: Path, need: int, victims: tuple[str, ...] = ()) -> bool:
+        """Mechanism: evict ``victims`` (each only if still unpinned) and load ``name`` in the background.
+        False if ``name`` is known already or the loader is saturated (the caller's view was old)."""
         with self._lock:
-            entry = self._entries.get(name)
-            if entry is not None:
-                return "stale" if entry.stale else entry.state  # stale: the old copy leaves once unused
-            if sum(e.state == "loading" for e in self._entries.values()) >= self.max_concurrent_loads:
-                return "busy"
-            need = estimate_nbytes(path, self._element_size)
-            if self.max_bytes is not None and need > self.max_bytes:
-                raise AdapterError(f"adapter {name!r} needs about {need} bytes but max_adapter_bytes is {self.max_bytes}; "
-                                   "raise max_adapter_bytes")
-            victims = self._victims(need, protected, force, keep)
-            if victims is None:
-                busy = any(e.pins or e.state == "loading" for e in self._entries.values())
-                if not busy and self._victims(need, frozenset(), True) is None:
-                    raise AdapterError(
-                        f"adapter {name!r} cannot be loaded: the resident adapters that cannot be evicted (loaded "
-                        f"outside the registry) fill max_loaded_adapters={self.max_loaded} / max_adapter_bytes={self.max_bytes}")
-                return "full"
-            self._entries[name] = _Entry("loading", need)
+            if name in self._entries or sum(not r.loaded for r in self._entries.values()) >= self.max_concurrent_loads:
+                return False
+            record = AdapterRecord(name, AdapterState.LOADING, need)
+            self._entries[name] = record  # None -> LOADING
         for victim in victims:
             self._evict(victim)
         self._pool.submit(self._load, name, path)
-        return "loading"
+        return True
 
-    def _victims(self, need: int, protected: frozenset[str], force: bool,
-                 keep: frozenset[str] = frozenset()) -> list[str] | None:
-        """Unpinned adapters to evict so that one more of ``need`` bytes fits; None if impossible."""
-        count = len(self._entries)
-        used = sum(e.nbytes for e in self._entries.values())
-        candidates = sorted((e.tick, n) for n, e in self._entries.items()
-                            if e.state == "resident" and e.pins == 0 and not e.permanent)
-        order = [n for _, n in candidates if n not in protected]
-        if force:
-            order += [n for _, n in candidates if n in protected and n not in keep]
-        victims: list[str] = []
-        for name in [None, *order]:
-            if name is not None:
-                victims.append(name)
-                count -= 1
-                used -= self._entries[name].nbytes
-            fits_count = self.max_loaded is None or count + 1 <= self.max_loaded
-            fits_bytes = self.max_bytes is None or used + need <= self.max_bytes
-            if fits_count and fits_bytes:
-                return victims
-        return None
+    def start_load(self, name: str, protected: frozenset[str] = frozenset(), force: bool = False,
+                   keep: frozenset[str] = frozenset()) -> str:
+        """Policy and mechanism in one call (tests, simple callers): ``policy.load_decision`` on a fresh
+        snapshot, then ``begin_load``. Returns the ``LoadStatus`` (``"loading"`` when started now);
+        raises ``AdapterError`` if it can never fit, ``UnknownAdapterError`` if it is not registered."""
+        from loramux.engine import policy  # the engine package imports this module: no cycle at import time
 
-    def drain_candidates(self, exclude: frozenset[str] = frozenset()) -> list[str]:
-        """Pinned resident adapters, fewest pins then least recently used first: the ones to stop
-        admitting new requests for, so that they free their place for a waiting adapter."""
-        with self._lock:
-            return [n for _, _, n in sorted((e.pins, e.tick, n) for n, e in self._entries.items()
-                                            if e.state == "resident" and e.pins > 0 and not e.permanent and n not in exclude)]
+        path, need = self.estimate(name)
+        decision = policy.load_decision(self.snapshot(), name, need, protected, force, keep)
+        if decision.status in (policy.LoadStatus.TOO_BIG, policy.LoadStatus.NEVER_FITS):
+            raise AdapterError(decision.reason)
+        if decision.status is policy.LoadStatus.START:
+            return policy.LoadStatus.LOADING if self.begin_load(name, path, need, decision.victims) else policy.LoadStatus.BUSY
+        return decision.status
 
     def _evict(self, name: str) -> None:
         with self._lock:
-            entry = self._entries.get(name)
-            if entry is None or entry.pins > 0 or entry.state != "resident":
+            record = self._entries.get(name)
+            if record is None or record.pins > 0 or not record.loaded:
                 return
-            del self._entries[name]
-            if entry.stale and self._host is not None:  # its host copy is outdated too
+            if record.state is AdapterState.RETIRING and self._host is not None:  # its host copy is outdated too
                 self._host.pop(name, None)
+            self._move(record, None)
         try:
             self.model.delete_adapter(name)
         except AdapterError:  # deleted behind our back: it is gone either way
@@ -271,7 +318,7 @@ class AdapterCache:
     def evict_unpinned(self) -> int:
         """Evict every unpinned adapter (tests, memory pressure); returns how many left."""
         with self._lock:
-            names = [n for n, e in self._entries.items() if e.state == "resident" and e.pins == 0 and not e.permanent]
+            names = [n for n, r in self._entries.items() if r.loaded and r.pins == 0 and not r.permanent]
         for name in names:
             self._evict(name)
         return len(names)
@@ -285,19 +332,22 @@ class AdapterCache:
         except BaseException as exc:  # noqa: BLE001 - any loader error fails that adapter's requests only
             logger.warning("loading adapter %s from %s failed: %s", name, path, exc)
             with self._lock:
-                self._entries.pop(name, None)
+                record = self._entries.get(name)
+                if record is not None:
+                    self._move(record, None)  # LOADING (or RETIRING) -> gone
                 self._failures[name] = exc
                 self.counters["load_errors"] += 1
         else:
             elapsed = time.perf_counter() - start
             with self._lock:
-                entry = self._entries[name]
-                entry.state, entry.nbytes = "resident", int(getattr(info, "nbytes", entry.nbytes))
-                self._tick += 1
-                entry.tick = self._tick
+                record = self._entries[name]
+                record.loaded, record.nbytes = True, int(getattr(info, "nbytes", record.nbytes))
+                stale = record.state is AdapterState.RETIRING
+                if not stale:
+                    self._move(record, AdapterState.RESIDENT)
+                self._touch(record)
                 self.counters["loads"] += 1
                 self.counters["load_seconds"] += elapsed
-                stale = entry.stale
             logger.debug("loaded adapter %s in %.3f s", name, elapsed)
             if stale:  # unregistered or re-pointed while loading
                 self._evict(name)

@@ -1,5 +1,8 @@
 """Who runs next: admission under the running/KV limits, and adapter loads and rotation.
 
+The scheduler holds the queues; the adapter rules are pure functions in ``policy.py`` over a
+snapshot of the cache, and the cache carries them out (``begin_load``, ``acquire``, ``release``).
+
 The rules, in the order they apply each step:
 
 1. Requests wait in arrival order. A request whose adapter is resident is admitted (its adapter
@@ -26,6 +29,8 @@ from __future__ import annotations
 import logging
 
 from loramux.cache import AdapterCache
+from loramux.engine import policy
+from loramux.engine.policy import LoadStatus
 from loramux.engine.request import EngineOverloaded, Request
 from loramux.errors import AdapterError
 
@@ -101,18 +106,9 @@ class Scheduler:
         return failed
 
     def _start_loads(self) -> list[tuple[Request, BaseException]]:
-        wanted: list[str] = []  # non-resident adapters, in arrival order of their first request
-        protected: set[str] = set()  # resident adapters some waiting request wants
-        ahead: set[str] = set()  # ... wanted by a request queued before the head's: never evicted for it
-        for req in self.waiting:
-            if req.adapter is None:
-                continue
-            if self.cache.is_resident(req.adapter):
-                protected.add(req.adapter)
-                if not wanted:
-                    ahead.add(req.adapter)
-            elif req.adapter not in wanted:
-                wanted.append(req.adapter)
+        """Rules 3 and 4: decisions by ``policy`` on a snapshot of the cache, carried out by the cache."""
+        view = self.cache.snapshot()
+        wanted, protected, ahead = policy.demand((r.adapter for r in self.waiting), view)
         head = wanted[0] if wanted else None
         if head != self._exchange_for:  # the head was served, cancelled or failed: stop draining for it
             self.draining.clear()
@@ -120,29 +116,33 @@ class Scheduler:
         failed: list[tuple[Request, BaseException]] = []
         for name in wanted:
             try:
-                status = self.cache.start_load(name, frozenset(protected), force=name == head, keep=frozenset(ahead))
-            except AdapterError as exc:  # can never fit, or vanished from the registry
+                path, need = self.cache.estimate(name)
+            except AdapterError as exc:  # vanished from the registry
                 failed += [(r, exc) for r in self.waiting if r.adapter == name]
                 continue
-            if status == "full" and name == head:
-                self._drain_for(name, protected, ahead)
-            elif status in ("loading", "resident", "stale") and name == head:
+            decision = policy.load_decision(view, name, need, protected, force=name == head, keep=ahead)
+            status = decision.status
+            if status in (LoadStatus.TOO_BIG, LoadStatus.NEVER_FITS):
+                failed += [(r, AdapterError(decision.reason)) for r in self.waiting if r.adapter == name]
+                continue
+            if status is LoadStatus.START:
+                status = LoadStatus.LOADING if self.cache.begin_load(name, path, need, decision.victims) else LoadStatus.BUSY
+                view = self.cache.snapshot()
+            if status is LoadStatus.FULL and name == head:
+                self._drain_for(name, view, protected, ahead)
+            elif status in (LoadStatus.LOADING, LoadStatus.RESIDENT, LoadStatus.RETIRING) and name == head:
                 self.draining.clear()
                 self._exchange_for = None
-            if status == "busy":  # the loader is saturated; later names would be refused too
+            if status is LoadStatus.BUSY:  # the loader is saturated; later names would be refused too
                 break
         for req, _ in failed:
             self.waiting.remove(req)
         return failed
 
-    def _drain_for(self, name: str, protected: set[str], ahead: set[str]) -> None:
-        """Rule 4: pick one more pinned adapter to drain, unless one already draining is still busy.
-        Not one that a request queued ahead of the head waits for: it would wait behind the drain."""
+    def _drain_for(self, name: str, view, protected: set[str], ahead: set[str]) -> None:
+        """Rule 4: drain one more pinned adapter (``policy.drain_choice``) for the head's ``name``."""
         self._exchange_for = name
-        if any(self.cache.pins(d) > 0 for d in self.draining):
-            return
-        candidates = [c for c in self.cache.drain_candidates() if c not in self.draining and c not in ahead]
-        candidates.sort(key=lambda c: c in protected)  # stable: nobody-wants-it first, then fewest pins/LRU
-        if candidates:
-            self.draining.add(candidates[0])
-            logger.debug("draining adapter %s to make room for %s", candidates[0], name)
+        choice = policy.drain_choice(view, self.draining, ahead, protected)
+        if choice is not None:
+            self.draining.add(choice)
+            logger.debug("draining adapter %s to make room for %s", choice, name)
