@@ -265,14 +265,38 @@ def test_llava_language_model_adapters_whatever_rows_carry_images(tmp_path):
         assert batch[i].tolist() == solo.tolist(), (i, name)
 
 
-@pytest.mark.parametrize("targets,tower", [(["q_proj", "v_proj"], "model.vision_tower"),
-                                           (r".*multi_modal_projector\.linear_1", "model.multi_modal_projector")])
-def test_llava_adapters_on_the_vision_tower_or_projector_are_refused_at_load(tmp_path, targets, tower):
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], r".*multi_modal_projector\.linear_1", "all-linear"])
+def test_llava_tower_and_projector_adapters_route_by_image_tokens(tmp_path, targets):
+    """The tower's batch axis counts images (2 here, for 3 rows): image i follows the row holding its tokens."""
+    from lora_fixtures import peft_oracle
+
+    base = tiny_llava()
+    paths = {"v": make_adapter(base, tmp_path / "v", seed=33, r=4, lora_alpha=16, target_modules=targets),
+             "lm": make_adapter(base, tmp_path / "lm", seed=34, r=2, lora_alpha=16, target_modules=r".*language_model.*\.v_proj")}
+    m = MultiLoraModel(copy.deepcopy(base))
+    for name, path in paths.items():
+        m.load_adapter(path, adapter_name=name)
+    assert any(w.in_tower for w in m._wrappers.values())
+    ids, pixels, image_of_row = _llava_batch()
+    for rows in (["v", "lm", "__base__"], ["__base__", "v", "v"], ["lm", "__base__", "v"]):
+        with torch.no_grad():
+            mixed = m(input_ids=ids, pixel_values=pixels, adapter_names=rows).logits
+            for i, name in enumerate(rows):
+                kw = {"pixel_values": pixels[image_of_row[i]:image_of_row[i] + 1]} if i in image_of_row else {}
+                model = base if name == "__base__" else peft_oracle(base, {name: paths[name]})
+                expected = model(input_ids=ids[i:i + 1], **kw).logits
+                if name == "v" and i in image_of_row:
+                    assert not torch.allclose(expected, base(input_ids=ids[i:i + 1], **kw).logits, atol=1e-4)
+                torch.testing.assert_close(mixed[i:i + 1], expected, atol=1e-5, rtol=0, msg=lambda s: f"{rows} row {i}: {s}")
+
+
+def test_tower_adapters_of_multimodal_families_without_image_routing_are_refused_at_load(tmp_path):
     from loramux import TargetModuleError
 
     base = tiny_llava()
+    path = make_adapter(base, tmp_path / "v", r=2, target_modules=["q_proj", "v_proj"])
+    base.model.config.model_type = "some_other_vlm"  # stands for a family whose image -> row pairing is not known
     m = MultiLoraModel(copy.deepcopy(base))
-    path = make_adapter(base, tmp_path / "v", r=2, target_modules=targets)
-    with pytest.raises(TargetModuleError, match=rf"part of '{tower}', a vision/audio tower or projector"):
+    with pytest.raises(TargetModuleError, match=r"part of 'model.vision_tower', a vision/audio tower"):
         m.load_adapter(path, adapter_name="v")
     assert not m.adapters and not m._wrappers

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from loramux.mapping import BatchMapping, call_rows, current_mapping
+from loramux.mapping import BatchMapping, call_rows, current_mapping, image_mapping
 from loramux.ops import apply_lora
 from loramux.slots import SlotTable
 
@@ -40,7 +40,27 @@ def delta_weight_layout(module: nn.Module, delta: torch.Tensor) -> torch.Tensor:
 
 class _PassThrough(nn.Module):
     """Attribute reads the wrapper does not answer go to the wrapped layer: the model keeps reading
-    ``embed_scale``, ``padding_idx``, ``in_features``, ``num_embeddings`` ... as before wrapping."""
+    ``embed_scale``, ``padding_idx``, ``in_features``, ``num_embeddings`` ... as before wrapping.
+
+    ``in_tower`` (set when wrapping a layer of a vision tower or projector): its batch axis counts
+    images, so it routes by the image -> row mapping of the running forward instead of by rows.
+    """
+
+    in_tower = False
+
+    def _mapping(self) -> BatchMapping | None:
+        mapping = current_mapping()
+        if mapping is None or not self.in_tower:
+            return mapping
+        images = image_mapping(mapping)
+        if images is not None:
+            return images
+        slots = set(mapping.row_slots)
+        if len(slots) == 1:  # every row the same adapter: every image too
+            return BatchMapping((next(iter(slots)),), mapping.merged)
+        raise RuntimeError(
+            "loramux: a vision-tower layer ran with rows of different adapters but no image -> row mapping (call the "
+            "whole model with input_ids and pixel_values, whose image tokens tell which row each image belongs to)")
 
     def __getattr__(self, name: str):
         try:
@@ -106,7 +126,7 @@ class LoraLayer(_PassThrough):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         y = self.base_layer(x, *args, **kwargs)
-        mapping = current_mapping()
+        mapping = self._mapping()
         if mapping is None:
             return y
         # mapping.groups is cached per call: an all-`__base__` batch skips the LoRA path in one lookup
@@ -159,7 +179,7 @@ class ModulesToSaveLayer(_PassThrough):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         y = self.base_layer(x, *args, **kwargs)
-        mapping = current_mapping()
+        mapping = self._mapping()
         if mapping is None or self.slots.count == 0:
             return y
         return replace_rows(y, x, args, kwargs, self.slots, mapping)

@@ -121,6 +121,11 @@ _current: contextvars.ContextVar[BatchMapping | None] = contextvars.ContextVar("
 _call_rows: contextvars.ContextVar[tuple[BatchMapping, int] | None] = contextvars.ContextVar("loramux_call_rows", default=None)
 
 _ROW_KEYS = ("input_ids", "inputs_embeds", "decoder_input_ids", "decoder_inputs_embeds")
+# (mapping, per-image mapping) of the forward running now: a vision tower's batch axis counts images,
+# so its wrapped layers route image i by the row whose image tokens it fills (Llava: features are
+# scattered into the image tokens in row-major order, every image giving the same number of tokens).
+_images: contextvars.ContextVar[tuple[BatchMapping, BatchMapping | None] | None] = contextvars.ContextVar(
+    "loramux_image_rows", default=None)
 
 
 def current_mapping() -> BatchMapping | None:
@@ -138,6 +143,33 @@ def record_call_rows(module, args: tuple, kwargs: dict) -> None:
         tensor = args[0]
     if tensor is not None and tensor.dim() > 0:
         _call_rows.set((mapping, int(tensor.shape[0])))
+    if isinstance(kwargs.get("pixel_values"), torch.Tensor) and isinstance(kwargs.get("input_ids"), torch.Tensor):
+        _images.set((mapping, _image_mapping(mapping, kwargs["input_ids"], kwargs["pixel_values"], getattr(module, "config", None))))
+
+
+def _image_mapping(mapping: BatchMapping, ids: torch.Tensor, pixels: torch.Tensor, config) -> BatchMapping | None:
+    """Slot per image: the row holding that image's tokens; None when images and tokens do not pair up."""
+    token = getattr(config, "image_token_id", None)
+    token = getattr(config, "image_token_index", None) if token is None else token
+    n_images = pixels.shape[0] if pixels.dim() == 4 else 0
+    if token is None or n_images == 0 or ids.shape[0] % mapping.n_rows:
+        return None
+    rows = (ids == token).nonzero()[:, 0]             # (n_tokens,) row of each image token, row-major
+    if rows.numel() == 0 or rows.numel() % n_images:
+        return None
+    rows = rows.view(n_images, -1)                     # (n_images, tokens per image)
+    if not bool((rows == rows[:, :1]).all()):          # an image split over two rows: cannot tell
+        return None
+    per_row = mapping.for_rows(ids.shape[0]).row_slots
+    return BatchMapping(tuple(per_row[r] for r in rows[:, 0].tolist()), mapping.merged)
+
+
+def image_mapping(mapping: BatchMapping) -> BatchMapping | None:
+    """The per-image mapping of the running forward (see ``_images``), or None when it is unknown."""
+    hint = _images.get()
+    if hint is not None and hint[0] is mapping:
+        return hint[1]
+    return None
 
 
 def call_rows(mapping: BatchMapping) -> int:

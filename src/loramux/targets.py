@@ -11,7 +11,9 @@ That holds for almost every layer of a text model. It does not hold for
 - embedding subclasses whose ``forward`` computes the ids it looks up (BART's learned positions take
   ``input_ids`` and look up ``arange(T) + 2``): LoRA's lookup would use other ids than the base.
 - modules of a vision or audio tower (and the projector after it): their first axis counts images
-  or clips, not text rows, so a row's adapter cannot be found from it.
+  or clips, not text rows. For Llava, image i's row is known from the image tokens of ``input_ids``
+  (features fill them in row-major order, the same number per image), so its tower and projector
+  route per image (``mapping.image_mapping``); other multimodal families are refused.
 
 Each refusal is a :class:`TargetModuleError` naming the module and the reason, raised before the model
 changes.
@@ -29,6 +31,16 @@ from loramux.errors import TargetModuleError
 _TOWER_PARTS = {"vision_tower", "vision_model", "visual", "vision_encoder", "image_encoder", "multi_modal_projector",
                 "mm_projector", "vision_projection", "audio_tower", "audio_encoder", "audio_model", "vision_embed_tokens"}
 _NON_TEXT_INPUTS = {"pixel_values", "input_features", "input_values", "pixel_values_videos"}
+
+
+# families whose image -> row pairing mapping._image_mapping computes exactly
+IMAGE_ROUTED_TYPES = {"llava"}
+
+
+def image_routed(base_modules: dict[str, nn.Module]) -> bool:
+    """Whether the model's images pair with rows through its image tokens (a Llava-family model)."""
+    return any(getattr(getattr(m, "config", None), "model_type", None) in IMAGE_ROUTED_TYPES
+               for n, m in base_modules.items() if "." not in n)
 
 
 def tower_of(name: str, base_modules: dict[str, nn.Module]) -> str | None:
@@ -65,12 +77,12 @@ def check_target(source, name: str, base: nn.Module, base_modules: dict[str, nn.
     """Refuse ``name`` as a per-row adapter target (``kind``: "LoRA" or "modules_to_save") when rows cannot be
     told apart in it; see the module docstring."""
     tower = tower_of(name, base_modules)
-    if tower is not None:
+    if tower is not None and not image_routed(base_modules):
         raise TargetModuleError(
             f"{source}: {kind} on {name!r} is refused: it is part of {tower!r}, a vision/audio tower or projector whose "
             "batch axis counts images (or clips), not text rows, so loramux cannot tell which row's adapter applies. "
-            "Adapters on the language model are supported; re-train without the tower (e.g. target_modules regex "
-            "limited to the language_model)")
+            "Adapters on the language model are supported (and on Llava's tower, routed by image tokens); re-train "
+            "without the tower (e.g. target_modules regex limited to the language_model)")
     if kind == "LoRA" and isinstance(base, nn.Embedding):
         problem = _embedding_problem(name, base, base_modules)
         if problem is not None:

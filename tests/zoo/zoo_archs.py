@@ -143,9 +143,8 @@ ARCHS: list[Arch] = [
          adapters=_moe_adapters),
     Arch("llava", "vlm", _llava, beam=False,
          adapters=lambda m: {"lm": dict(r=4, lora_alpha=16, target_modules=_LM_ONLY.format("q_proj|v_proj|down_proj")),
-                             "head": dict(r=2, lora_alpha=16, target_modules=r"(.*language_model.*\.o_proj|lm_head)")},
-         refusals=[(dict(r=2, target_modules=["q_proj", "v_proj"]), r"part of 'model.vision_tower', a vision/audio tower"),
-                   (dict(r=2, target_modules=r".*multi_modal_projector\.linear_1"), r"part of 'model.multi_modal_projector'")]),
+                             "head": dict(r=2, lora_alpha=16, target_modules=r"(.*language_model.*\.o_proj|lm_head)"),
+                             "all": dict(r=2, lora_alpha=8, target_modules="all-linear")}),  # tower + projector: per image
 ]
 
 
