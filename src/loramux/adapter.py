@@ -24,11 +24,13 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
-from loramux.errors import AdapterConfigError, AdapterNotFoundError, AdapterWeightsError
+from loramux.config_schema import check_raw_config, check_scalar, show
+from loramux.errors import AdapterConfigError, AdapterError, AdapterNotFoundError, AdapterWeightsError
+from loramux.st_header import TensorSpec, read_header
 
 logger = logging.getLogger(__name__)
 
@@ -47,11 +49,13 @@ _HARMLESS_FIELDS = {
 _READ_FIELDS = {
     "peft_type", "r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "target_modules",
     "exclude_modules", "layers_to_transform", "layers_pattern", "fan_in_fan_out", "use_dora",
-    "lora_bias", "bias", "modules_to_save",
+    "lora_bias", "bias", "modules_to_save", "target_parameters",
 }
 # init schemes that rewrite the base weights at training time: the adapter only works on that
 # modified base, which loramux (one shared base) cannot provide.
 _BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "orthogonal")
+# PEFT configs are about 1 KB; a larger file is not a config (and is not read into memory whole)
+MAX_CONFIG_BYTES = 4 * 1024 * 1024
 
 
 def _empty(value: Any) -> bool:
@@ -84,21 +88,25 @@ class AdapterConfig:
     use_dora: bool = False
     lora_bias: bool = False
     modules_to_save: tuple[str, ...] = ()
+    init_lora_weights: bool | str = True  # no effect on the math; add_weighted_adapter replays PEFT's RNG use with it
+    target_parameters: tuple[str, ...] = ()  # PEFT ParamWrapper LoRA on parameters (fused MoE experts): experts.py
 
     def __post_init__(self) -> None:
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
-            raise AdapterConfigError(f"{self.source}: field 'r' must be a positive integer, got {self.r!r}")
-        if not isinstance(self.lora_alpha, (int, float)) or isinstance(self.lora_alpha, bool):
-            raise AdapterConfigError(f"{self.source}: field 'lora_alpha' must be a number, got {self.lora_alpha!r}")
+            raise AdapterConfigError(f"{self.source}: field 'r' must be a positive integer, got {show(self.r)}")
+        check_scalar(self.source, "lora_alpha", self.lora_alpha)
         for key, rank in self.rank_pattern.items():
-            if not isinstance(rank, int) or rank <= 0:
-                raise AdapterConfigError(f"{self.source}: rank_pattern[{key!r}] must be a positive integer, got {rank!r}")
+            if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
+                raise AdapterConfigError(f"{self.source}: rank_pattern[{key!r}] must be a positive integer, got {show(rank)}")
+        for key, alpha in self.alpha_pattern.items():
+            check_scalar(self.source, f"alpha_pattern[{key!r}]", alpha)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "<memory>") -> "AdapterConfig":
         """Validate a parsed ``adapter_config.json``; refuse every field whose meaning loramux lacks."""
         if not isinstance(raw, dict):
             raise AdapterConfigError(f"{source}: expected a JSON object, got {type(raw).__name__}")
+        check_raw_config(raw, source)
         peft_type = raw.get("peft_type", "LORA")
         if str(peft_type).upper() != "LORA":
             raise AdapterConfigError(
@@ -118,7 +126,7 @@ class AdapterConfig:
         for key, value in raw.items():
             if key not in _HARMLESS_FIELDS and key not in _READ_FIELDS and not _empty(value):
                 raise AdapterConfigError(
-                    f"{source}: field {key!r}={value!r} changes the adapter's math and is not supported by loramux; "
+                    f"{source}: field {show(key)}={show(value)} changes the adapter's math and is not supported by loramux; "
                     "remove it only if you know it has no effect at inference")
         modules_to_save = raw.get("modules_to_save") or ()
         return cls(
@@ -129,6 +137,8 @@ class AdapterConfig:
             layers_to_transform=raw.get("layers_to_transform"), layers_pattern=raw.get("layers_pattern"),
             fan_in_fan_out=bool(raw.get("fan_in_fan_out", False)), use_dora=bool(raw.get("use_dora", False)),
             lora_bias=bool(raw.get("lora_bias", False)), modules_to_save=tuple(modules_to_save),
+            init_lora_weights=init if isinstance(init, (bool, str)) else True,
+            target_parameters=_target_parameters(raw.get("target_parameters"), source),
         )
 
     def rank_for(self, module_name: str) -> int:
@@ -143,18 +153,19 @@ class AdapterConfig:
         return alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
 
     def targets(self, module_name: str) -> bool:
-        """Whether PEFT would put a LoRA on ``module_name`` (list: exact or ``.suffix``; str: full regex)."""
+        """Whether PEFT would put a LoRA on ``module_name`` (its ``check_target_module_exists``): not excluded,
+        not in modules_to_save; a list matches exact or ``.suffix`` (then ``layers_to_transform`` applies),
+        a string is a full regex (``layers_to_transform`` ignored, as in PEFT); "all-linear": the caller checks."""
         if self._excluded(module_name):
+            return False
+        if any(re.match(rf"(^|.*\.){m}($|\..*)", module_name) for m in self.modules_to_save):
             return False
         targets = self.target_modules
         if targets is None:
             return False
         if isinstance(targets, str):
-            if targets == "all-linear":
-                return True  # the caller checks the module type
-            matched = re.fullmatch(targets, module_name) is not None
-        else:
-            matched = any(module_name == t or module_name.endswith("." + t) for t in targets)
+            return targets == "all-linear" or re.fullmatch(targets, module_name) is not None
+        matched = module_name in targets or any(module_name.endswith("." + t) for t in targets)
         return matched and self._in_layers(module_name)
 
     def _excluded(self, module_name: str) -> bool:
@@ -166,16 +177,31 @@ class AdapterConfig:
         return any(module_name == e or module_name.endswith("." + e) for e in ex)
 
     def _in_layers(self, module_name: str) -> bool:
-        if self.layers_to_transform is None:
+        wanted = self.layers_to_transform
+        if wanted is None or wanted == []:
             return True
-        wanted = [self.layers_to_transform] if isinstance(self.layers_to_transform, int) else self.layers_to_transform
-        patterns = self.layers_pattern or ["layers", "h", "blocks", "layer"]
-        patterns = [patterns] if isinstance(patterns, str) else patterns
-        for pattern in patterns:
-            found = re.match(rf".*\.{pattern}\.(\d+)\.", module_name)
-            if found:
-                return int(found.group(1)) in wanted
-        return False
+        patterns = self.layers_pattern
+        if not patterns:  # PEFT: any "<name>.<index>." in the key
+            found = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", module_name)
+        else:
+            found = None
+            for pattern in [patterns] if isinstance(patterns, str) else patterns:
+                found = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", module_name)
+                if found is not None:
+                    break
+        if found is None:
+            return False
+        index = int(found.group("idx"))
+        return index == wanted if isinstance(wanted, int) else index in wanted
+
+
+def _target_parameters(value: Any, source: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
+        raise AdapterConfigError(f"{source}: field 'target_parameters' must be a list of parameter names "
+                                 f"(e.g. ['experts.gate_up_proj']), got {show(value)}")
+    return tuple(value)
 
 
 @dataclass
@@ -212,6 +238,21 @@ _LORA_SUFFIXES = {
     ".lora_embedding_A": "lora_A", ".lora_embedding_B": "lora_B", ".lora_magnitude_vector": "magnitude",
     ".lora_magnitude_vector.weight": "magnitude",
 }
+_LORA_ROLES = set(_LORA_SUFFIXES.values())
+
+
+def key_role(key: str) -> tuple[str, str, bool]:
+    """(module, role, embedding) of a weights-file key. role: lora_A, lora_B, lora_B_bias, magnitude,
+    ``base_layer.<param>`` (a saved copy of a base parameter) or ``extra`` (module = the whole name: a
+    modules_to_save candidate, grouped by ``loading.py``, which knows the model's modules)."""
+    name = key[len(_PREFIX):] if key.startswith(_PREFIX) else key
+    for suffix, role in _LORA_SUFFIXES.items():
+        if name.endswith(suffix):
+            return name[: -len(suffix)], role, "embedding" in suffix
+    if ".base_layer." in name:
+        module, param = name.split(".base_layer.", 1)
+        return module, "base_layer." + param, False
+    return name, "extra", False
 
 
 def read_config(path: Path) -> AdapterConfig:
@@ -223,18 +264,93 @@ def read_config(path: Path) -> AdapterConfig:
             f"{config_path}: missing; a PEFT adapter directory holds {CONFIG_NAME} and {SAFETENSORS_NAME} "
             "(written by PeftModel.save_pretrained)")
     try:
-        raw = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AdapterConfigError(f"{config_path}: not valid JSON ({exc}); re-save the adapter") from exc
-    return AdapterConfig.from_dict(raw, source=str(config_path))
+        size = config_path.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise AdapterConfigError(f"{config_path}: {size} bytes; a PEFT adapter config is a few KB (limit "
+                                     f"{MAX_CONFIG_BYTES} bytes), so this is not one: re-save the adapter")
+        raw = json.loads(config_path.read_bytes())
+    except (ValueError, UnicodeDecodeError, RecursionError, OSError) as exc:
+        # ValueError: JSONDecodeError, and integers past Python's int-string digit limit;
+        # RecursionError: nesting deeper than the parser's recursion limit
+        if isinstance(exc, AdapterError):
+            raise
+        raise AdapterConfigError(f"{config_path}: not valid JSON ({type(exc).__name__}: {show(str(exc))}); "
+                                 "re-save the adapter") from exc
+    try:
+        return AdapterConfig.from_dict(raw, source=str(config_path))
+    except AdapterError:
+        raise
+    except (TypeError, ValueError, KeyError, AttributeError, OverflowError, RecursionError, re.error) as exc:
+        # a malformed value that no check above names: still an AdapterConfigError, never a bare builtin
+        logger.debug("unexpected error while validating %s", config_path, exc_info=True)
+        raise AdapterConfigError(f"{config_path}: a field has a value loramux cannot use ({type(exc).__name__}: "
+                                 f"{show(str(exc))}); compare it with what PEFT writes and re-save the adapter") from exc
 
 
-def _read_tensors(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
+def check_structure(source: Path, config: AdapterConfig, specs: Mapping[str, TensorSpec]) -> None:
+    """The tensors agree with each other and with the config (ranks, A/B pairs, dtypes): no base model needed.
+
+    Runs on the safetensors header before any data is read, and again on tensors read from a pickle."""
+    per_module: dict[str, dict[str, tuple[int, ...]]] = {}
+    embeddings: set[str] = set()
+    has_extra = False
+    for key, spec in specs.items():
+        module, role, embedding = key_role(key)
+        if role == "extra":
+            has_extra = True
+            continue
+        if role in _LORA_ROLES and not spec.floating:
+            raise AdapterWeightsError(f"{source}: tensor {key!r} is {spec.dtype}; LoRA weights are floating point "
+                                      "(F32, F16, BF16), so this file is not a LoRA adapter or is corrupt")
+        per_module.setdefault(module, {})[role] = spec.shape
+        if embedding:
+            embeddings.add(module)
+    for module, roles in per_module.items():
+        A, B = roles.get("lora_A"), roles.get("lora_B")
+        if (A is None) != (B is None):
+            missing = "lora_A" if A is None else "lora_B"
+            raise AdapterWeightsError(f"{source}: module {module!r} has no {missing} tensor; the file is incomplete")
+        if A is None:
+            continue
+        if len(A) != 2 or len(B) != 2 or A[0] != B[1]:
+            raise AdapterWeightsError(
+                f"{source}: module {module!r}: lora_A {A} and lora_B {B} disagree on the rank (A is (r, d_in), "
+                "B is (d_out, r)); the file is inconsistent")
+        expected = config.rank_for(module)
+        if config.target_parameters and (module.endswith(".base_layer") or A[0] % expected == 0):
+            continue  # may be ParamWrapper LoRA (r*E rows, nested as .base_layer): loading/experts check it on the model
+        if A[0] != expected:
+            raise AdapterWeightsError(
+                f"{source}: module {module!r} has rank {A[0]} but the config says r={expected} "
+                "(field 'r' or 'rank_pattern'); config and weights come from different adapters")
+        if config.use_dora and "magnitude" not in roles and module not in embeddings:
+            raise AdapterWeightsError(f"{source}: use_dora is set but module {module!r} has no lora_magnitude_vector")
+        # PEFT ignores a tensor its config does not ask for, and initialises one it asks for but lacks:
+        # either way its output is not what the file says, so config and weights must agree
+        for role, flag, field in (("magnitude", config.use_dora, "use_dora"), ("lora_B_bias", config.lora_bias, "lora_bias")):
+            if role in roles and not flag:
+                raise AdapterWeightsError(f"{source}: module {module!r} has a {role} tensor but field {field!r} is false; "
+                                          "config and weights disagree (PEFT would ignore the tensor): fix the config")
+        if config.lora_bias and "lora_B_bias" not in roles and module not in embeddings:
+            raise AdapterWeightsError(f"{source}: lora_bias is set but module {module!r} has no lora_B.bias tensor; "
+                                      "config and weights disagree (PEFT would leave that bias at its initial value)")
+    if not any("lora_A" in roles for roles in per_module.values()) and not has_extra:
+        raise AdapterWeightsError(f"{source}: holds no LoRA tensors (no '*.lora_A.weight' keys); is it a LoRA adapter?")
+
+
+HeaderCheck = Callable[[AdapterConfig, "dict[str, TensorSpec]", Path], None]
+
+
+def _read_tensors(path: Path, config: AdapterConfig, allow_pickle: bool, check: HeaderCheck | None) -> dict[str, torch.Tensor]:
     st_path, bin_path = path / SAFETENSORS_NAME, path / PICKLE_NAME
     if st_path.is_file():
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
+        specs = read_header(st_path)  # every shape and dtype is checked before a byte of data is read
+        check_structure(st_path, config, specs)
+        if check is not None:
+            check(config, specs, st_path)
         try:
             try:  # read into memory the adapter owns: a mapping of the file would keep every byte of it
                 # resident for as long as any tensor lives, and crash the process (SIGBUS) if the file is
@@ -250,10 +366,24 @@ def _read_tensors(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
                 f"{bin_path}: pickle weights can run arbitrary code when loaded, so they are refused by default; "
                 f"convert the adapter to {SAFETENSORS_NAME} or pass allow_pickle=True if you trust its source")
         try:
-            return torch.load(str(bin_path), map_location="cpu", weights_only=True)
+            tensors = torch.load(str(bin_path), map_location="cpu", weights_only=True)
         except Exception as exc:  # torch raises many types for bad pickles
             raise AdapterWeightsError(f"{bin_path}: cannot be read ({exc})") from exc
+        if not isinstance(tensors, dict) or not all(isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in tensors.items()):
+            raise AdapterWeightsError(f"{bin_path}: holds a {type(tensors).__name__}, not a dict of named tensors")
+        specs = {key: spec_of(t) for key, t in tensors.items()}  # a pickle has no header: checked after reading
+        check_structure(bin_path, config, specs)
+        if check is not None:
+            check(config, specs, bin_path)
+        return tensors
     raise AdapterNotFoundError(f"{path}: no {SAFETENSORS_NAME} (or {PICKLE_NAME}) next to {CONFIG_NAME}")
+
+
+_ST_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+
+
+def spec_of(tensor: torch.Tensor) -> TensorSpec:
+    return TensorSpec(dtype=_ST_NAMES.get(tensor.dtype, str(tensor.dtype)), shape=tuple(tensor.shape))
 
 
 def _check_finite(tensors: dict[str, torch.Tensor], source: Path) -> None:
@@ -270,47 +400,39 @@ def _check_finite(tensors: dict[str, torch.Tensor], source: Path) -> None:
             raise AdapterWeightsError(f"{source}: tensor {key!r} holds NaN or inf values; the adapter diverged in training")
 
 
-def read_adapter(path: str | Path, *, allow_pickle: bool = False) -> AdapterFile:
-    """Parse and validate an adapter directory; every problem raises a specific ``AdapterError``."""
+def read_adapter(path: str | Path, *, allow_pickle: bool = False, check: HeaderCheck | None = None) -> AdapterFile:
+    """Parse and validate an adapter directory; every problem raises a specific ``AdapterError``.
+
+    ``check(config, specs, file)`` runs on the tensors' declared shapes and dtypes before their data
+    is read (``loading.check_against_base`` checks them against a base model there)."""
     path = Path(path)
     config = read_config(path)
-    tensors = _read_tensors(path, allow_pickle)
-    source = path / SAFETENSORS_NAME
+    try:
+        return _read_weights(path, config, allow_pickle, check)
+    except AdapterError:
+        raise
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError, OverflowError, RecursionError, re.error) as exc:
+        # a defect no check names: still an AdapterWeightsError, never a bare builtin (traceback in the debug log)
+        logger.debug("unexpected error while reading %s", path, exc_info=True)
+        raise AdapterWeightsError(f"{path}: the weights cannot be used ({type(exc).__name__}: {show(str(exc))}); "
+                                  "re-save the adapter with PEFT") from exc
+
+
+def _read_weights(path: Path, config: AdapterConfig, allow_pickle: bool, check: HeaderCheck | None) -> AdapterFile:
+    tensors = _read_tensors(path, config, allow_pickle, check)
+    source = path / (SAFETENSORS_NAME if (path / SAFETENSORS_NAME).is_file() else PICKLE_NAME)
+    _check_finite(tensors, source)
     modules: dict[str, ModuleWeights] = {}
     extra: dict[str, torch.Tensor] = {}
-    _check_finite(tensors, source)
     for key, tensor in tensors.items():
-        name = key[len(_PREFIX):] if key.startswith(_PREFIX) else key
-        for suffix, kind in _LORA_SUFFIXES.items():
-            if name.endswith(suffix):
-                mw = modules.setdefault(name[: -len(suffix)], ModuleWeights())
-                setattr(mw, kind, tensor)
-                mw.embedding = mw.embedding or "embedding" in suffix
-                break
+        module, role, embedding = key_role(key)
+        if role == "extra":
+            extra[module] = tensor
+        elif role.startswith("base_layer."):
+            modules.setdefault(module, ModuleWeights()).base_copy[role[len("base_layer."):]] = tensor
         else:
-            if ".base_layer." in name:
-                module, param = name.split(".base_layer.", 1)
-                modules.setdefault(module, ModuleWeights()).base_copy[param] = tensor
-            else:
-                extra[name] = tensor
-    for module, mw in modules.items():
-        if (mw.lora_A is None) != (mw.lora_B is None):
-            missing = "lora_A" if mw.lora_A is None else "lora_B"
-            raise AdapterWeightsError(f"{source}: module {module!r} has no {missing} tensor; the file is incomplete")
-        if mw.lora_A is None:
-            continue
-        if mw.lora_A.dim() != 2 or mw.lora_B.dim() != 2 or mw.lora_A.shape[0] != mw.lora_B.shape[1]:
-            raise AdapterWeightsError(
-                f"{source}: module {module!r}: lora_A {tuple(mw.lora_A.shape)} and lora_B {tuple(mw.lora_B.shape)} "
-                "disagree on the rank (A is (r, d_in), B is (d_out, r)); the file is inconsistent")
-        expected = config.rank_for(module)
-        if mw.lora_A.shape[0] != expected:
-            raise AdapterWeightsError(
-                f"{source}: module {module!r} has rank {mw.lora_A.shape[0]} but the config says r={expected} "
-                "(field 'r' or 'rank_pattern'); config and weights come from different adapters")
-        if config.use_dora and mw.magnitude is None and not mw.embedding:
-            raise AdapterWeightsError(f"{source}: use_dora is set but module {module!r} has no lora_magnitude_vector")
-    if not any(mw.lora_A is not None for mw in modules.values()) and not extra:
-        raise AdapterWeightsError(f"{source}: holds no LoRA tensors (no '*.lora_A.weight' keys); is it a LoRA adapter?")
+            mw = modules.setdefault(module, ModuleWeights())
+            setattr(mw, role, tensor)
+            mw.embedding = mw.embedding or embedding
     logger.debug("read adapter %s: %d modules, %d extra tensors", path, len(modules), len(extra))
     return AdapterFile(path=path, config=config, modules=modules, extra=extra)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import logging
 import threading
 from collections import Counter
@@ -23,13 +24,15 @@ import torch
 from torch import nn
 
 from loramux import BASE_ADAPTER, dense_kernel
-from loramux.adapter import AdapterFile, read_adapter
-from loramux.combine import combine_layer
+from loramux.adapter import AdapterConfig, AdapterFile, read_adapter
+from loramux.combine import plan_combination
 from loramux.errors import (AdapterConfigError, AdapterExistsError, AdapterNamesError, MergedAdapterError,
                             TargetModuleError, UnknownAdapterError)
-from loramux.layers import LoraLayer, ModulesToSaveLayer
-from loramux.loading import LoadPlan, plan_load
-from loramux.mapping import BASE_SLOT, BatchMapping, use_mapping
+from loramux.layers import SUPPORTED_TYPES, LoraLayer, ModulesToSaveLayer
+from loramux.loading import LoadPlan, check_against_base, plan_load
+from loramux.experts import ExpertsLayer, ExpertsSlot
+from loramux.targets import tower_of
+from loramux.mapping import BASE_SLOT, BatchMapping, record_call_rows, use_mapping
 from loramux.merging import merge_layer, unmerge_layer
 
 logger = logging.getLogger(__name__)
@@ -49,6 +52,7 @@ class AdapterInfo:
     modules_to_save: tuple[str, ...]
     use_dora: bool
     nbytes: int
+    config: AdapterConfig | None = None  # the parsed adapter_config.json (None for add_weighted_adapter results)
 
     @property
     def target_modules(self) -> list[str]:
@@ -97,6 +101,8 @@ class MultiLoraModel(nn.Module):
         self._default: str | None = None
         self._context_default: contextvars.ContextVar[Any] = contextvars.ContextVar(f"loramux_default_{id(self)}", default=_UNSET)
         self._merged: str | None = None
+        # rows of each model forward (B*k in beam search), for layers whose input has no batch axis
+        base_model.register_forward_pre_hook(record_call_rows, with_kwargs=True)
 
     # ------------------------------------------------------------------ attributes users expect
     @property
@@ -137,7 +143,9 @@ class MultiLoraModel(nn.Module):
         path = adapter.path if adapter is not None else path
         name = adapter_name if adapter_name is not None else Path(path).name
         self._check_new_name(name, replace)
-        adapter = adapter or read_adapter(path, allow_pickle=allow_pickle)
+        # shapes and dtypes are checked against this base from the file's header, before its data is read
+        adapter = adapter or read_adapter(path, allow_pickle=allow_pickle,
+                                          check=functools.partial(check_against_base, base_modules=self._originals))
         plan = plan_load(adapter, self._originals)
         info = self._commit(name, plan, path=str(path), use_dora=adapter.config.use_dora, replace=replace)
         logger.info("loaded adapter %r from %s: %d modules, %.1f MB", name, path, len(plan.lora), info.nbytes / 1e6)
@@ -150,7 +158,8 @@ class MultiLoraModel(nn.Module):
         for another model is refused at once instead of failing every later request. The returned plan
         is the caller's to drop; no slot, wrapper or name of this model changes.
         """
-        return plan_load(read_adapter(path, allow_pickle=allow_pickle), self._originals)
+        check = functools.partial(check_against_base, base_modules=self._originals)  # before any tensor is read
+        return plan_load(read_adapter(path, allow_pickle=allow_pickle, check=check), self._originals)
 
     def _check_new_name(self, name: str, replace: bool) -> None:
         if not isinstance(name, str) or not name or name == BASE_ADAPTER:
@@ -166,21 +175,35 @@ class MultiLoraModel(nn.Module):
             if self._merged is not None and use_dora:
                 raise MergedAdapterError(f"adapter {self._merged!r} is merged into the base weights; unmerge_adapter() "
                                          f"before loading the DoRA adapter {name!r} (its norms are taken on W0)")
-            for module in list(plan.lora) + list(plan.modules_to_save):
-                kind = LoraLayer if module in plan.lora else ModulesToSaveLayer
+            # LoRA and modules_to_save on one module nest: the adapter's copy replaces its rows, LoRA of
+            # other adapters applies to theirs (LoraLayer.copies, or LoRA inside a ModulesToSaveLayer's module).
+            # Only fused MoE experts (ExpertsLayer) cannot also be replaced whole.
+            kinds = {m: self._wrapper_kind(m, e, m in plan.lora) for m, e in [*plan.lora.items(), *plan.modules_to_save.items()]}
+            for module, kind in kinds.items():
                 existing = self._wrappers.get(module)
-                if existing is not None and not isinstance(existing, kind):
-                    raise TargetModuleError(f"adapter {name!r}: module {module!r} is a LoRA target for one loaded adapter and "
-                                            "a modules_to_save module for another; loramux cannot do both on one module")
+                if existing is not None and type(existing) is not kind:
+                    holders = sorted(n for n, i in self._infos.items() if existing.slots.get(i.slot) is not None
+                                     or getattr(existing, "copies", None) is not None and existing.copies.get(i.slot) is not None)
+                    raise TargetModuleError(
+                        f"adapter {name!r}: module {module!r} is a {'LoRA target' if module in plan.lora else 'modules_to_save module'} "
+                        f"here but a {type(existing).__name__} for the loaded adapter(s) {holders}; loramux cannot put LoRA on "
+                        "fused MoE experts and replace them whole in one model")
             slot = self._free_slots.pop() if self._free_slots else len(self._slot_states)
             state = self._slot_states[slot] = _SlotState()
-            for module, entry in [*plan.lora.items(), *plan.modules_to_save.items()]:
-                kind = LoraLayer if module in plan.lora else ModulesToSaveLayer
-                self._wrap(module, kind).slots.write(slot, entry)
-                state.modules.append(module)
+            created = [m for m in [*plan.lora, *plan.modules_to_save] if m not in self._wrappers]
+            try:
+                for module, entry in [*plan.lora.items(), *plan.modules_to_save.items()]:
+                    wrapper = self._wrap(module, kinds[module])
+                    table = wrapper.copies if module not in plan.lora and isinstance(wrapper, LoraLayer) else wrapper.slots
+                    table.write(slot, entry)
+                    state.modules.append(module)
+            except BaseException:  # e.g. out of memory part-way: no half-written slot, no new wrapper stays
+                self._rollback(slot, [*plan.lora, *plan.modules_to_save], created)
+                raise
             old = self._infos.get(name)
             info = AdapterInfo(name=name, path=path, slot=slot, ranks=dict(plan.ranks), scalings=dict(plan.scalings),
-                               modules_to_save=tuple(plan.modules_to_save), use_dora=use_dora, nbytes=plan.nbytes)
+                               modules_to_save=tuple(plan.modules_to_save), use_dora=use_dora, nbytes=plan.nbytes,
+                               config=plan.config)
             self._infos[name] = info
             if old is not None:
                 if self._merged == name:
@@ -188,12 +211,35 @@ class MultiLoraModel(nn.Module):
                 self._retire(old.slot)
             return info
 
+    def _rollback(self, slot: int, modules: list[str], created: list[str]) -> None:
+        """Undo a commit that failed part-way: clear ``slot`` everywhere it may be written, unwrap the
+        wrappers this commit created (in reverse: a nested one first), and free the slot."""
+        for module in modules:
+            wrapper = self._wrappers.get(module)
+            for table in (getattr(wrapper, "slots", None), getattr(wrapper, "copies", None)):
+                if table is not None:
+                    table.clear(slot)
+        for module in reversed(created):
+            if self._wrappers.pop(module, None) is not None:
+                parent_name, _, child = module.rpartition(".")
+                setattr(self._originals[parent_name] if parent_name else self.base_model, child, self._originals[module])
+        self._slot_states[slot].modules.clear()
+        self._free_slots.append(slot)
+
+    def _wrapper_kind(self, module: str, entry: object, lora: bool) -> type:
+        if isinstance(entry, ExpertsSlot):
+            return ExpertsLayer
+        return LoraLayer if lora or isinstance(self._originals[module], SUPPORTED_TYPES) else ModulesToSaveLayer
+
     def _wrap(self, module_name: str, kind: type) -> nn.Module:
         wrapper = self._wrappers.get(module_name)
         if wrapper is None:
             parent_name, _, child = module_name.rpartition(".")
-            parent = self.base_model.get_submodule(parent_name) if parent_name else self.base_model
+            # the original parent, also when it is itself wrapped (LoRA on classifier.dense inside a
+            # modules_to_save classifier): the wrapper calls that original, so the LoRA is on the path
+            parent = self._originals[parent_name] if parent_name else self.base_model
             wrapper = kind(self._originals[module_name])
+            wrapper.in_tower = tower_of(module_name, self._originals) is not None  # routes per image (targets.py)
             setattr(parent, child, wrapper)
             self._wrappers[module_name] = wrapper
         return wrapper
@@ -218,7 +264,10 @@ class MultiLoraModel(nn.Module):
     def _free(self, slot: int) -> None:
         state = self._slot_states[slot]
         for module in state.modules:
-            self._wrappers[module].slots.clear(slot)
+            wrapper = self._wrappers[module]
+            wrapper.slots.clear(slot)
+            if isinstance(wrapper, LoraLayer):
+                wrapper.copies.clear(slot)
         state.modules.clear()
         state.retired = False
         self._free_slots.append(slot)
@@ -347,6 +396,8 @@ class MultiLoraModel(nn.Module):
     def generate(self, *args, adapter_names: str | Sequence[str | None] | None = None, **kwargs):
         """transformers ``generate`` with rows routed by ``adapter_names`` (beams follow their row)."""
         with self.routing(adapter_names, self._batch_size(args, kwargs)):
+            # generate encodes images before its first forward: note the image -> row pairing now
+            record_call_rows(self.base_model, args, kwargs)
             return self.base_model.generate(*args, **kwargs)
 
     # ------------------------------------------------------------------ merging
@@ -363,7 +414,7 @@ class MultiLoraModel(nn.Module):
                 raise MergedAdapterError(f"adapter {self._merged!r} is already merged; unmerge_adapter() before merging {name!r}")
             for module in self._slot_states[info.slot].modules:
                 wrapper = self._wrappers[module]
-                if isinstance(wrapper, LoraLayer):
+                if isinstance(wrapper, LoraLayer) and wrapper.slots.get(info.slot) is not None:
                     merge_layer(wrapper, wrapper.slots.get(info.slot))
             self._merged = name
 
@@ -378,7 +429,7 @@ class MultiLoraModel(nn.Module):
         slot = self._infos[self._merged].slot
         for module in self._slot_states[slot].modules:
             wrapper = self._wrappers[module]
-            if isinstance(wrapper, LoraLayer):
+            if isinstance(wrapper, LoraLayer) and wrapper.slots.get(slot) is not None:
                 unmerge_layer(wrapper, wrapper.slots.get(slot))
         self._merged = None
 
@@ -391,8 +442,11 @@ class MultiLoraModel(nn.Module):
             slot = self._infos[self._merged].slot if self._merged else None
             for module, wrapper in self._wrappers.items():
                 parent_name, _, child = module.rpartition(".")
-                parent = self.base_model.get_submodule(parent_name) if parent_name else self.base_model
-                own_copy = wrapper.slots.get(slot) if isinstance(wrapper, ModulesToSaveLayer) and slot is not None else None
+                parent = self._originals[parent_name] if parent_name else self.base_model
+                copies = wrapper.slots if isinstance(wrapper, ModulesToSaveLayer) else getattr(wrapper, "copies", None)
+                own_copy = copies.get(slot) if copies is not None and slot is not None else None
+                if isinstance(wrapper, ExpertsLayer) and slot is not None:
+                    wrapper.fold(slot)  # experts are never merged in place (rows route per token): fold now
                 setattr(parent, child, own_copy if own_copy is not None else wrapper.base_layer)
             self._wrappers.clear()
             self._infos.clear()
@@ -403,23 +457,19 @@ class MultiLoraModel(nn.Module):
 
     # ------------------------------------------------------------------ combining, reporting
     def add_weighted_adapter(self, adapters: Sequence[str], weights: Sequence[float], adapter_name: str,
-                             combination_type: str = "svd", svd_rank: int | None = None) -> AdapterInfo:
-        """A new adapter from loaded ones (PEFT's ``linear``, ``cat`` and ``svd`` recipes; see combine.py)."""
+                             combination_type: str = "svd", svd_rank: int | None = None, svd_clamp: float | None = None,
+                             svd_full_matrices: bool = True, svd_driver: str | None = None, density: float | None = None,
+                             majority_sign_method: str = "total", *, generator: torch.Generator | None = None) -> AdapterInfo:
+        """A new adapter from loaded ones, with PEFT's recipes and arguments (cat, linear, svd, ties, dare_*,
+        magnitude_prune and their *_svd forms; see combine.py). DARE draws its masks from ``generator``, or
+        like PEFT from torch's global generator: the same ``torch.manual_seed`` gives PEFT's adapter."""
         if len(adapters) != len(weights) or not adapters:
             raise AdapterNamesError(f"add_weighted_adapter: {len(adapters)} adapters but {len(weights)} weights")
         self._check_new_name(adapter_name, replace=False)
         with self._lock:
             infos = [self._info(a) for a in adapters]
-            if any(i.modules_to_save for i in infos):
-                raise AdapterConfigError("add_weighted_adapter: adapters with modules_to_save cannot be combined")
-            plan = LoadPlan()
-            modules = sorted({m for i in infos for m in i.ranks})
-            for module in modules:
-                wrapper = self._wrappers[module]
-                present = [(wrapper.slots.get(i.slot), w, i.scalings[module]) for i, w in zip(infos, weights) if module in i.ranks]
-                entry = combine_layer(present, combination_type, wrapper.is_embedding, svd_rank)
-                plan.lora[module] = entry
-                plan.ranks[module], plan.scalings[module] = entry.B.shape[1], 1.0
+            plan = plan_combination(infos, list(weights), self._wrappers, self._originals, combination_type, svd_rank,
+                                    density, majority_sign_method, generator, svd_clamp, svd_full_matrices, svd_driver)
         return self._commit(adapter_name, plan, path=None, use_dora=False, replace=False)
 
     def memory_report(self) -> dict[str, Any]:
