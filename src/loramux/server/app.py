@@ -2,8 +2,13 @@
 
 Routes: ``GET /health``, ``GET /metrics``, ``GET /v1/models[/{id}]``, ``POST /v1/completions``,
 ``POST /v1/chat/completions``, and (with ``allow_runtime_loading``) ``POST /v1/load_lora_adapter``
-and ``POST /v1/unload_lora_adapter``. ``model`` picks the adapter by name, or the base model by
-``config.base_name``; any other name is a 404 listing what exists, never the base model in disguise.
+and ``POST /v1/unload_lora_adapter``; ``GET /openapi.json`` and ``/docs`` describe them. ``model``
+picks the adapter by name, or the base model by ``config.base_name``; any other name is a 404
+listing what exists, never the base model in disguise.
+
+A request flows: pydantic shape check -> ``validation.py`` value checks (400 naming the field) ->
+``ServerState.prepare`` (tokenize, context-length check, grammar compile; off the event loop) ->
+``generation.py`` (one engine request per prompt, ``n`` sequences each; merge, answer or stream).
 """
 from __future__ import annotations
 
