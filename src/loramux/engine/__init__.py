@@ -19,6 +19,18 @@ loaded), ``RequestRejected`` (a ``ValueError``: the prompt can never fit, or a b
 ``EngineOverloaded`` (the waiting queue is full). A request that fails later (its adapter cannot be
 loaded, its own row faults, the shared forward fails) ends with finish_reason ``"error"`` and a typed
 ``failure`` (``Failure(kind: FailureKind, message)``); one request's fault never fails another.
+
+``SamplingParams`` also takes ``n`` (the prompt prefilled once, its KV forked; sequence i seeded
+``seed + i``), ``logprobs``/``prompt_logprobs`` (k alternatives from the raw log-softmax),
+``logit_bias`` and ``constraint`` (a ``TokenConstraint`` factory, ``engine/constraints.py``). Prompt KV
+is kept in a prefix cache (``Engine(prefix_cache_bytes=...)``, 0 = off) keyed by the adapter's load,
+never its name; ``stats()`` counts ``prefix_cache_hit_tokens``, ``prefix_cache_bytes`` and
+``prefix_cache_entries``.
+
+Layout: ``engine.py`` (the thread-safe front: submit, stats, the loop), ``step.py`` (one step over the
+engine thread's state), ``batch.py`` (the decode batch: rows, KV, prepared routing), ``scheduler.py``
+and ``policy.py`` (admission; adapter policy as pure functions over a cache snapshot),
+``prefix_cache.py``, ``sampling.py``, ``logprobs.py``, ``constraints.py``, ``failures.py``, ``kv.py``.
 """
 from loramux.cache import AdapterCache, AdapterRegistry
 from loramux.engine.constraints import TokenConstraint
