@@ -9,6 +9,10 @@
     rounds alternate, median wall and process CPU time per configuration (CPU time is steadier on a
     shared machine). The overhead is constrained / free - 1 (target: under 10% of a decode step).
 
+(C) The engine's token pick alone (``engine.sampling.pick_tokens`` on 8 x 49,152 logits), all rows free vs
+    all constrained (mask, masked argmax, accept): the per-step cost a constraint adds, without the noise
+    of the forward pass.
+
     .venv/bin/python benchmarks/bench_structured.py [--threads 2] [--rounds 3] [--no-engine]
 """
 from __future__ import annotations
@@ -85,6 +89,38 @@ def bench_xgrammar(tok, vocab: int, ids: list[int], reps: int) -> dict[str, floa
             "p99_us": 1e6 * sorted(times)[int(0.99 * len(times))]}
 
 
+def bench_pick(tok, vocab: int, rows: int = 8, steps: int = 30) -> dict[str, float]:
+    """(C) The engine's per-step token pick (``pick_tokens`` on (B, V) logits) with every row free vs
+    every row constrained (mask + masked argmax + accept): the whole per-step cost a constraint adds,
+    without the forward pass's noise."""
+    from types import SimpleNamespace
+
+    from loramux.engine import SamplingParams
+    from loramux.engine.sampling import pick_tokens
+    from loramux.server import schemas
+    from loramux.server.structured import StructuredOutputs
+
+    structured = StructuredOutputs(tok, vocab)
+    fmt = schemas.ResponseFormat.model_validate({"type": "json_schema", "json_schema": {"name": "x", "schema": LONG}})
+    factory = structured.factory(fmt)
+    params = SamplingParams(max_tokens=64, temperature=0)
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(steps, rows, vocab, generator=gen)  # (steps, B, V)
+    out: dict[str, float] = {}
+    for name, constrained in (("free", False), ("constrained", True), ("free2", False), ("constrained2", True)):
+        seqs = [SimpleNamespace(params=params, constraint=factory() if constrained else None, generator=None)
+                for _ in range(rows)]
+        start = time.perf_counter()
+        for step in range(steps):
+            picks = pick_tokens(logits[step], seqs)
+            for seq, token in zip(seqs, picks):
+                assert isinstance(token, int), token
+                if seq.constraint is not None:
+                    seq.constraint.accept(token)
+        out[name] = (time.perf_counter() - start) / steps
+    return out
+
+
 def bench_engine(rounds: int) -> dict[str, list[float]]:
     from loramux import MultiLoraModel
     from loramux.base import load_base
@@ -139,6 +175,10 @@ def main() -> None:
             continue
         print(f"{name}: wrap tokenizer {r['wrap_s']:.2f} s, compile schema {1e3 * r['compile_s']:.1f} ms, "
               f"mask+accept per token median {r['per_token_us']:.1f} us (p99 {r['p99_us']:.1f} us)")
+    pick = bench_pick(tok, vocab)
+    free, con = min(pick["free"], pick["free2"]), min(pick["constrained"], pick["constrained2"])
+    print(f"pick_tokens, 8 rows: free {1e3 * free:.2f} ms/step, all constrained {1e3 * con:.2f} ms/step: "
+          f"+{1e3 * (con - free):.2f} ms per step (+{1e3 * (con - free) / 8:.3f} ms per constrained row)")
     if args.no_engine:
         return
     res = bench_engine(args.rounds)
