@@ -19,6 +19,7 @@ then ``init_lora_weights`` of the first adapter); ``replay_peft_init_draws`` mak
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from typing import Mapping, Sequence
 
@@ -36,6 +37,7 @@ from loramux.slots import SlotWeights
 SVD_TYPES = tuple(f"{m}_svd" for m in ("ties", "dare_linear", "dare_ties", "magnitude_prune")) + ("svd",)
 COMBINATION_TYPES = ("cat",) + METHODS + SVD_TYPES
 _PRUNING = {"ties", "dare_linear", "dare_ties", "magnitude_prune"}
+logger = logging.getLogger(__name__)
 
 
 def _fail(message: str) -> AdapterConfigError:
@@ -165,6 +167,10 @@ def plan_combination(infos, weights: Sequence[float], wrappers: Mapping[str, nn.
     first = infos[0].config
     if combination_type.startswith("dare") and generator is None:
         replay_peft_init_draws(modules, base_modules, rank, first.init_lora_weights if first else True)
+    if first is not None and first.use_rslora:
+        logger.warning("add_weighted_adapter: %s uses rsLoRA; PEFT's combined adapter keeps use_rslora and so scales "
+                       "the result by sqrt(%d) on top of the combination, loramux does not (scaling 1): outputs differ "
+                       "from PEFT's by that factor", infos[0].name, rank)
     plan = LoadPlan()
     for module in modules:
         wrapper = wrappers[module]
