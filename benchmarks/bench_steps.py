@@ -66,13 +66,13 @@ class Floor:
         self.bw: list[float] = []
         self.peak: list[float] = []
 
-    def sample(self) -> None:
-        t0 = time.perf_counter()
+    def sample(self, clock=time.perf_counter) -> None:
+        t0 = clock()
         self.big.sum()
-        self.bw.append(self.big.numel() * 4 / (time.perf_counter() - t0))
-        t0 = time.perf_counter()
+        self.bw.append(self.big.numel() * 4 / (clock() - t0))
+        t0 = clock()
         torch.mm(self.a, self.a)
-        self.peak.append(2 * 2048**3 / (time.perf_counter() - t0))
+        self.peak.append(2 * 2048**3 / (clock() - t0))
 
     def seconds(self, batch: int, nbytes: int, count: int) -> float:
         bw, peak = statistics.median(self.bw), statistics.median(self.peak)
@@ -116,30 +116,41 @@ def bench_steps(base, reps: int, root: Path) -> dict:
             "plain B16": ("plain", 16, None), "loramux B16 base": ("lm", 16, ["__base__"] * 16),
             "loramux B16 mixed 4 adapters": ("lm", 16, mixed16)}
     nbytes, count = weight_stats(plain)
-    floor = Floor()
     with torch.inference_mode():
         calls, caches = _step_calls({"plain": plain, "lm": lm}, rows)
-        times = {k: [] for k in calls}
         keys = list(calls)
 
-        def run(k):
+        def run(k, clock):
             cache = caches[k]
             extra = cache.get_seq_length() - CONTEXT
             if extra:
                 cache.crop(-extra)
-            t0 = time.perf_counter()
+            t0 = clock()
             calls[k]()
-            return time.perf_counter() - t0
+            return clock() - t0
 
-        for k in keys:  # warm-up: first-call costs, kernel loads
-            run(k), run(k)
-        for r in range(reps):
-            floor.sample()
-            for k in keys[r % len(keys):] + keys[:r % len(keys)]:
-                times[k].append(run(k))
-    return {"times": {k: statistics.median(v) for k, v in times.items()}, "samples": times,
-            "bw": floor.bw, "peak": floor.peak, "nbytes": nbytes, "count": count,
-            "floor": {b: floor.seconds(b, nbytes, count) for b in (1, 16)}, "load": os.getloadavg()[0]}
+        def rounds(clock) -> dict:
+            floor, times = Floor(), {k: [] for k in keys}
+            for k in keys:  # warm-up: first-call costs, kernel loads
+                run(k, clock), run(k, clock)
+            for r in range(reps):
+                floor.sample(clock)
+                for k in keys[r % len(keys):] + keys[:r % len(keys)]:
+                    times[k].append(run(k, clock))
+            return {"times": {k: statistics.median(v) for k, v in times.items()}, "samples": times,
+                    "bw": floor.bw, "peak": floor.peak, "nbytes": nbytes, "count": count,
+                    "floor": {b: floor.seconds(b, nbytes, count) for b in (1, 16)}, "load": os.getloadavg()[0]}
+
+        res = rounds(time.perf_counter)
+        # the same on one thread by that thread's CPU time, floor included: the work itself, which the
+        # machine's other users cannot stretch (they stretch wall time and 2-thread syncs a lot)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            res["cpu"] = rounds(time.thread_time)
+        finally:
+            torch.set_num_threads(threads)
+    return res
 
 
 def step_rows(res: dict) -> list[tuple[str, str, str, str, bool | None]]:
