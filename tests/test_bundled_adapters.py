@@ -92,4 +92,7 @@ def test_bundled_adapters_read_as_peft_reads_them(setup):
             peft_model.set_adapter(name)
             expected = peft_model(**batch).logits
             got = model(**batch, adapter_names=[name] * len(prompts)).logits
-            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4, msg=name)
+            # 30 fp32 layers: loramux's decode-GEMM / fused RMSNorm kernels sum in another order than MKL, so
+            # the base model alone already differs from plain transformers by ~3e-4 on these logits (|logit|
+            # up to ~30); an adapter read wrong moves them by whole units (the date adapter: 31.5)
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=2e-3, msg=name)

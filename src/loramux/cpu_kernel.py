@@ -16,6 +16,7 @@ The build machinery here (``isa``, ``build_extension``) is shared with the dense
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import platform
@@ -23,6 +24,7 @@ import shutil
 import threading
 from pathlib import Path
 from types import ModuleType
+from typing import Iterator
 
 import torch
 
@@ -105,14 +107,41 @@ def build_extension(name: str, source: Path, flags: list[str], label: str, verbo
         directory.mkdir(parents=True, exist_ok=True)
         _put_ninja_on_path()
         logger.info("loading the %s CPU kernel from %s (compiled on first use, ~40 s)", label, directory)
-        module = cpp_extension.load(name=name, sources=[str(source)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
-                                    build_directory=str(directory), verbose=verbose)
+        with _build_lock(directory):
+            module = cpp_extension.load(name=name, sources=[str(source)], extra_cflags=flags,
+                                        extra_ldflags=["-fopenmp"], build_directory=str(directory), verbose=verbose)
     except Exception as exc:  # noqa: BLE001 - no compiler, no ninja, a read-only cache: the torch path still works
         logger.warning("the %s CPU kernel is not available (%s: %s); using torch ops instead. "
                        "Install a C++ compiler (g++) to get it, or set %s=0 to skip trying.",
                        label, type(exc).__name__, _reason(exc), ENV_SWITCH)
         return None
     return module
+
+
+@contextlib.contextmanager
+def _build_lock(directory: Path) -> Iterator[None]:
+    """Hold an OS file lock on ``directory`` while torch builds or loads into it.
+
+    torch's builder guards a build with a plain ``lock`` file and waits forever while it exists; a
+    process killed mid-build (Ctrl-C, a test timeout) leaves it behind and every later engine start
+    hangs (seen here). ``flock`` is released by the kernel when its holder dies, so whoever holds it
+    knows a ``lock`` file it finds is stale and removes it.
+    """
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: torch's own lock file only
+        yield
+        return
+    with open(directory / "loramux.flock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            stale = directory / "lock"
+            if stale.exists():
+                logger.warning("removing %s, left by a kernel build that was killed", stale)
+                stale.unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _reason(exc: BaseException) -> str:
