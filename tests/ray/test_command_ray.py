@@ -33,7 +33,7 @@ def test_replicas_2_serves_through_ray_and_sigterm_leaves_no_ray_process(ray_wor
     pytest.importorskip("ray")
     args = ["--replicas", "2", "--threads", "1", "--base", str(ray_world["base"]),
             "--adapter-root", str(ray_world["root"]), "--max-loaded-adapters", "4", "--log-level", "warning"]
-    server = ServerProcess(args, tmp_path / "serve.log", startup_timeout=300)
+    server = ServerProcess(args, tmp_path / "serve.log", startup_timeout=600)
     try:
         seen = set()
         for model in ("a0", "a1", "a2", "a3"):
@@ -45,19 +45,19 @@ def test_replicas_2_serves_through_ray_and_sigterm_leaves_no_ray_process(ray_wor
         started = [p for p in _tree(server.proc.pid) if _is_ray(p)]
         assert started, "no Ray process under loramux serve --replicas 2"
     finally:
-        code = server.stop(signal.SIGTERM, timeout=120)
+        code = server.stop(signal.SIGTERM, timeout=240)
     assert code == 0, server.log()
 
     def all_gone() -> bool:
         return not [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
-    wait_for(all_gone, 60, "every Ray process started by loramux serve to exit")
+    wait_for(all_gone, 120, "every Ray process started by loramux serve to exit")
 
 
 def test_replicas_1_is_the_plain_process_without_ray(ray_world, tmp_path):
     args = ["--replicas", "1", "--threads", "1", "--base", str(ray_world["base"]), "--adapter-root",
             str(ray_world["root"]), "--log-level", "warning"]
-    server = ServerProcess(args, tmp_path / "serve1.log")
+    server = ServerProcess(args, tmp_path / "serve1.log", startup_timeout=600)
     try:
         r = httpx.post(server.url + "/v1/completions", json={"model": "a0", "prompt": "hello", "max_tokens": 2},
                        timeout=60)

@@ -53,3 +53,21 @@ def test_a_reloaded_or_unloaded_name_gets_a_new_key(tmp_path):
     assert names.key("x") == "x#v1"  # a replica still holding the old weights under "x" never serves them
     registry.register("x", tmp_path / "y")  # re-pointed
     assert names.key("x") == "x#v2"
+
+
+def test_the_fleet_view_leaves_out_replicas_ray_no_longer_routes_to():
+    pytest.importorskip("prometheus_client")
+    from loramux.ray.fleet import Fleet
+    from loramux.ray.messages import ReplicaStats
+
+    live = {"r0", "r1"}
+    fleet = Fleet(lambda: live)
+    for name, loads in (("r0", 3), ("r1", 5)):
+        fleet.update(ReplicaStats(name, 1, "node", ("a0",), {"loads": loads, "evictions": 1}), accepted=True)
+    assert [row["replica"] for row in fleet.snapshot()] == ["r0", "r1"]
+    assert fleet.totals()["loads"] == 8
+    live.discard("r1")  # replaced by Ray while idle: no stream broke, the router's replica set changed
+    assert [row["replica"] for row in fleet.snapshot()] == ["r0"] and fleet.totals()["loads"] == 3
+    fleet.lost("r0")  # a stream from it broke: gone at once, and late reports from it are ignored
+    fleet.update(ReplicaStats("r0", 1, "node", (), {"loads": 9}))
+    assert fleet.snapshot() == [] and fleet.totals() == {"replicas": 0}

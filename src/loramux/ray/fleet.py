@@ -3,13 +3,14 @@ and ``GET /replicas``.
 
 Fed by the ``ReplicaStats`` every replica sends with each request it accepts and just before each
 request's last delta, so it is never older than a replica's last request. A replica whose stream
-broke (its process died) is dropped at once; Ray's replacement appears with its first request.
+broke (its process died) is dropped at once, and so is one that Ray's router no longer routes to
+(replaced while idle); Ray's replacement appears with its first request.
 """
 from __future__ import annotations
 
 import threading
 import time
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -29,7 +30,8 @@ _PER_REPLICA = (
 
 
 class Fleet:
-    def __init__(self) -> None:
+    def __init__(self, live: Callable[[], set[str] | None] | None = None) -> None:
+        self.live = live  # the replica ids Ray routes to now (None: unknown); others are left out of views
         self._lock = threading.Lock()
         self._replicas: dict[str, tuple[float, ReplicaStats]] = {}
         self._lost: dict[str, float] = {}  # replica -> when its stream broke
@@ -50,8 +52,9 @@ class Fleet:
 
     def snapshot(self) -> list[dict[str, Any]]:
         now = time.time()
+        live = self.live() if self.live is not None else None
         with self._lock:
-            items = sorted(self._replicas.items())
+            items = sorted((k, v) for k, v in self._replicas.items() if live is None or k in live)
             served = dict(self.served)
         return [{"replica": name, "pid": s.pid, "node": s.node, "adapters": list(s.resident),
                  "requests": served.get(name, 0), "seconds_since_report": round(now - seen, 3),
@@ -59,8 +62,9 @@ class Fleet:
 
     def totals(self) -> dict[str, Any]:
         """Engine stats summed over live replicas: what ``engine.stats()`` means for the whole fleet."""
+        live = self.live() if self.live is not None else None
         with self._lock:
-            stats = [s.engine for _, s in self._replicas.values()]
+            stats = [s.engine for k, (_, s) in self._replicas.items() if live is None or k in live]
         out: dict[str, Any] = {"replicas": len(stats)}
         for key in _SUMMED:
             values = [s[key] for s in stats if isinstance(s.get(key), (int, float))]

@@ -128,6 +128,14 @@ class RemoteHandle:
                 pass
 
 
+def _live_replicas() -> set[str] | None:
+    try:
+        from .router import live_replica_ids
+    except ImportError:  # pragma: no cover - no Ray
+        return None
+    return live_replica_ids()
+
+
 def _is_replica_failure(exc: BaseException) -> bool:
     try:
         from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
@@ -149,7 +157,7 @@ class RemoteEngine:
         self.affinity = affinity
         self.registry = registry
         self.names = VersionedNames(registry)
-        self.fleet = Fleet()
+        self.fleet = Fleet(_live_replicas)
         self.accept_timeout_s, self.item_timeout_s = accept_timeout_s, item_timeout_s
         self.loop: asyncio.AbstractEventLoop | None = None  # the app's loop, set by the header middleware
         # what the app reads of a local engine (EngineReplica.describe): the tokenizer (the app tokenizes

@@ -13,6 +13,7 @@ ranks were computed.
 from __future__ import annotations
 
 import logging
+import weakref
 from collections import defaultdict
 from typing import Any, List, Optional
 
@@ -21,6 +22,17 @@ from ray.serve.request_router import MultiplexMixin, PendingRequest, ReplicaID, 
 from .routing import DEFAULT_BALANCE, DEFAULT_SLACK, ReplicaState, Residency, rank_replicas
 
 logger = logging.getLogger(__name__)
+# the routers of this process (the ingress's handle has one), so that its /replicas view can leave out
+# replicas Ray has replaced; process-wide because Ray, not loramux, constructs them
+_ROUTERS: "weakref.WeakSet[AdapterAffinityRouter]" = weakref.WeakSet()
+
+
+def live_replica_ids() -> set[str] | None:
+    """Unique ids of the replicas the routers in this process route to now; None if there is no router yet."""
+    routers = list(_ROUTERS)
+    if not routers:
+        return None
+    return {rid.unique_id for router in routers for rid in list(router.curr_replicas)}
 
 
 class AdapterAffinityRouter(MultiplexMixin, RequestRouter):
@@ -32,6 +44,7 @@ class AdapterAffinityRouter(MultiplexMixin, RequestRouter):
         self._balance, self._slack = balance, slack
         self._in_flight: dict[ReplicaID, int] = defaultdict(int)
         self._sent: dict[str, ReplicaID] = {}  # internal request id -> replica, until it completes
+        _ROUTERS.add(self)
 
     def _state(self) -> None:  # initialize_state is not called when request_router_kwargs is empty
         if not hasattr(self, "_residency"):
