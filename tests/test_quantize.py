@@ -127,3 +127,16 @@ def test_adapters_on_an_int8_base_route_per_row_and_refuse_merging(tmp_path):
         assert not torch.allclose(mixed[0], lm(input_ids=ids[:1], adapter_names=["__base__"]).logits[0], atol=1e-3)
     with pytest.raises(MergedAdapterError, match="int8 base"):
         lm.merge_adapter("a")
+
+
+def test_memory_report_counts_an_int8_base_by_its_int8_bytes():
+    """The int8 weights and scales are buffers, not parameters: the report must count them (once each,
+    though lm_head and the tied embedding share them), or it shows an int8 base as its norms alone."""
+    plain = tiny_llama(seed=2, tie_word_embeddings=True)
+    fp32 = MultiLoraModel(copy.deepcopy(plain)).memory_report()["base_bytes"]
+    qbase = copy.deepcopy(plain)
+    quantize_model(qbase)
+    int8 = MultiLoraModel(qbase).memory_report()["base_bytes"]
+    weights = sum(m.qweight.numel() + 4 * m.wscale.numel() for m in qbase.modules()
+                  if isinstance(m, Int8Linear))                   # lm_head is tied: counted here once
+    assert weights <= int8 < fp32 / 2, (int8, fp32, weights)

@@ -474,7 +474,11 @@ class MultiLoraModel(nn.Module):
 
     def memory_report(self) -> dict[str, Any]:
         """Bytes of the shared base, of each adapter, and what one full fine-tuned copy per adapter would take."""
-        base = sum(p.numel() * p.element_size() for p in {id(p): p for p in self.base_model.parameters()}.values())
+        # parameters and buffers (an int8 base keeps its weights and scales as buffers), each storage once
+        # (tied embeddings, an int8 embedding sharing the int8 lm_head rows)
+        tensors = [*self.base_model.parameters(), *self.base_model.buffers()]
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors if t.numel()}
+        base = sum(storages.values())
         adapters = {name: info.nbytes for name, info in self.adapters.items()}
         total = base + sum(adapters.values())
         full = base * max(len(adapters), 1)
