@@ -11,8 +11,24 @@ from loramux.engine import sampling as sampling_mod
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
 SEEDED = SamplingParams(max_tokens=8, temperature=0.9, top_k=30, seed=5, ignore_eos=True)
+
+
+class EvenTokens:
+    """An innocent constraint: only even token ids (stacked with a faulty constrained row's mask)."""
+
+    def allowed(self, vocab_size: int) -> torch.Tensor:
+        return torch.arange(vocab_size) % 2 == 0
+
+    def accept(self, token_id: int) -> None:
+        assert token_id % 2 == 0
+
+    def is_finished(self) -> bool:
+        return False
+
+
+EVEN = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, constraint=EvenTokens)
 INNOCENT = [("g1", [3, 4, 5, 6], "a", GREEDY), ("g2", [7, 8, 9], None, GREEDY), ("g3", [10, 11], "b", SEEDED),
-            ("g4", [12, 13, 14], "a", GREEDY)]
+            ("g4", [12, 13, 14], "a", GREEDY), ("g5", [15, 16], "b", EVEN)]
 POISON = 95  # the fake model answers NaN logits for a row whose input ends with this token
 EXPLODE = 90  # the fake tokenizer raises when asked to decode this token
 
@@ -85,6 +101,10 @@ FAULTS = {
     "constraint": SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, constraint=lambda: RaisingConstraint(3)),
     "constraint_factory": SamplingParams(max_tokens=8, temperature=0, constraint=lambda: 1 / 0),
     "constraint_bad_mask": SamplingParams(max_tokens=8, temperature=0.5, constraint=lambda: _BadMask()),
+    # greedy constrained rows are masked all at once (sampling._pick_constrained_greedy): still one row's fault
+    "constraint_bad_mask_greedy": SamplingParams(max_tokens=8, temperature=0, constraint=lambda: _BadMask()),
+    "constraint_empty_mask_greedy": SamplingParams(max_tokens=8, temperature=0, ignore_eos=True,
+                                                   constraint=lambda: _EmptyMask()),
     "stop_strings": SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, stop=["zz"], logit_bias={EXPLODE: 100}),
 }
 
@@ -95,6 +115,17 @@ class _BadMask(RaisingConstraint):
 
     def allowed(self, vocab_size: int) -> torch.Tensor:
         return torch.ones(vocab_size + 1, dtype=torch.bool)  # wrong shape
+
+
+class _EmptyMask(RaisingConstraint):
+    """Allows every token twice, then none."""
+
+    def __init__(self) -> None:
+        super().__init__(fail_at=-1)
+
+    def allowed(self, vocab_size: int) -> torch.Tensor:
+        self.calls += 1
+        return torch.full((vocab_size,), self.calls <= 2, dtype=torch.bool)
 
 
 @pytest.mark.parametrize("fault", sorted(FAULTS))

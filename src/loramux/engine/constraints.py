@@ -31,12 +31,17 @@ class TokenConstraint(Protocol):
         ...
 
 
-def checked_mask(constraint: TokenConstraint, vocab_size: int, device: torch.device) -> torch.Tensor:
-    """The constraint's mask, checked: (V,) bool on ``device`` with at least one True."""
+NO_TOKEN_ALLOWED = "constraint.allowed() allows no token at all"
+
+
+def checked_mask(constraint: TokenConstraint, vocab_size: int, device: torch.device,
+                 require_any: bool = True) -> torch.Tensor:
+    """The constraint's mask, checked: (V,) bool on ``device`` (with at least one True unless the caller
+    checks that itself for several rows at once: ``require_any=False``)."""
     mask = constraint.allowed(vocab_size)
     if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != (vocab_size,):
         got = f"{tuple(mask.shape)} {mask.dtype}" if isinstance(mask, torch.Tensor) else type(mask).__name__
         raise RowFailed(f"constraint.allowed() must return a ({vocab_size},) bool tensor, got {got}")
-    if not bool(mask.any()):
-        raise RowFailed("constraint.allowed() allows no token at all")
+    if require_any and not bool(mask.any()):
+        raise RowFailed(NO_TOKEN_ALLOWED)
     return mask.to(device)

@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 import torch
 
-from loramux.engine.constraints import checked_mask
+from loramux.engine.constraints import NO_TOKEN_ALLOWED, checked_mask
 from loramux.engine.failures import RowFailed
 from loramux.engine.request import SamplingParams
 
@@ -103,6 +103,7 @@ def pick_tokens(logits: torch.Tensor, seqs: Sequence[Any]) -> list[int | BaseExc
         for i, token in zip(plain, picks):
             out[i] = token
     done = set(plain)
+    _pick_constrained_greedy(logits, seqs, finite, done, out)
     for i, seq in enumerate(seqs):
         if i in done:
             continue
@@ -114,3 +115,35 @@ def pick_tokens(logits: torch.Tensor, seqs: Sequence[Any]) -> list[int | BaseExc
         except Exception as exc:  # noqa: BLE001 - this row's fault is this row's alone
             out[i] = exc
     return out
+
+
+def _pick_constrained_greedy(logits: torch.Tensor, seqs: Sequence[Any], finite: list[bool], done: set[int],
+                             out: list[int | BaseException]) -> None:
+    """Greedy rows with a constraint (and no bias), all at once: their masks stacked into (k, V), then one
+    ``masked_fill`` and one ``argmax`` for the step. Row by row, each constrained row paid ~5 small torch
+    ops over the vocabulary, each a parallel region that wakes the OpenMP pool (+21 ms per row at 2 threads
+    on the loaded 2-core machine, benchmarks/bench_structured.py). Quiet machine, 8 rows x 49,152 logits,
+    2 threads: the whole batched pick 2.3 ms, the old per-row masking alone 2.5 ms, all rows free 1.4 ms.
+    Adds the rows it handled to ``done``."""
+    rows = [i for i, s in enumerate(seqs) if i not in done and finite[i] and s.params.greedy
+            and s.constraint is not None and not s.params.logit_bias]
+    if not rows:
+        return
+    done.update(rows)
+    vocab = logits.shape[-1]
+    kept, masks = [], []
+    for i in rows:
+        try:
+            masks.append(checked_mask(seqs[i].constraint, vocab, logits.device, require_any=False))
+            kept.append(i)
+        except Exception as exc:  # noqa: BLE001 - this row's fault is this row's alone
+            out[i] = exc
+    if not kept:
+        return
+    # numpy's any() on a CPU mask wakes no thread pool; an empty mask fails its row only
+    any_allowed = [bool(m.numpy().any()) if m.device.type == "cpu" else bool(m.any()) for m in masks]
+    allowed = torch.stack(masks)                                         # (k, V) bool
+    rows_logits = logits if len(kept) == logits.shape[0] else logits[kept]  # (k, V); no gather when all are
+    picks = rows_logits.masked_fill(~allowed, float("-inf")).argmax(-1).tolist()  # (k, V) -> (k,)
+    for i, ok, token in zip(kept, any_allowed, picks):
+        out[i] = token if ok else RowFailed(NO_TOKEN_ALLOWED)
