@@ -42,24 +42,26 @@ def resolve_inside_roots(path: str, roots: tuple[str, ...]) -> str:
     if not path or "\x00" in path:
         raise APIError(400, "lora_path is empty or holds a NUL byte", param="lora_path", code="invalid_path")
     candidates = [path] if os.path.isabs(path) else [os.path.join(root, path) for root in roots]
-    escaped = False
+    missing: APIError | None = None  # a root where it would be inside but does not exist: try the next root
     for candidate in candidates:
         real = os.path.realpath(candidate)
         inside = [root for root in roots if _is_within(real, root)]
         if not inside:
-            escaped = True
             continue
         if real in inside:  # the root itself is a catalogue, not an adapter
             raise APIError(400, f"lora_path {path!r} is an adapter root itself; name one of its sub-directories",
                            param="lora_path", code="invalid_path")
         if not os.path.exists(real):
-            raise APIError(404, f"lora_path {path!r} does not exist inside the adapter root",
-                           param="lora_path", code="adapter_not_found")
+            missing = missing or APIError(404, f"lora_path {path!r} does not exist inside the adapter root"
+                                          f"{'s' if len(roots) > 1 else ''} ({', '.join(roots)})",
+                                          param="lora_path", code="adapter_not_found")
+            continue
         if not os.path.isdir(real):
             raise APIError(400, f"lora_path {path!r} is not a directory inside the adapter root",
                            param="lora_path", code="invalid_path")
         return real
-    assert escaped
+    if missing is not None:
+        raise missing
     allowed = ", ".join(roots) if roots else "(none configured)"
     raise APIError(400, f"lora_path {path!r} resolves outside every adapter root; allowed roots: {allowed}",
                    param="lora_path", code="path_outside_root")
