@@ -70,7 +70,7 @@ def test_delete_and_replace_during_a_running_call(setup):
 
     def pause(*_):
         entered.set()
-        release.wait(10)
+        release.wait(600)  # opened by the test; the bound only stops a hang if the test dies first
 
     handle = layer.register_forward_pre_hook(pause)
     result = {}
@@ -79,9 +79,9 @@ def test_delete_and_replace_during_a_running_call(setup):
         with torch.no_grad():
             result["out"] = m(input_ids=ids, adapter_names="x").logits
 
-    t = threading.Thread(target=call)
+    t = threading.Thread(target=call, daemon=True)
     t.start()
-    assert entered.wait(10)
+    assert entered.wait(600)  # a guard against a hang, not a timing
     handle.remove()
     old_slot = m.adapters["x"].slot
     m.load_adapter(b, adapter_name="x", replace=True)   # hot swap while the call is half-way
