@@ -20,3 +20,20 @@ def _cpu_kernel_built():
     if dense_kernel is not None:
         dense_kernel.load()
     yield
+
+
+@pytest.fixture(scope="session")
+def decode_gemm_kernel():
+    """The decode-GEMM extension; a failed build FAILS where a compiler and AVX2 exist, else the test skips
+    (the torch paths are tested on their own)."""
+    import shutil
+
+    from loramux import cpu_kernel, dense_kernel
+
+    module = dense_kernel.load()
+    if module is None:
+        has_compiler = shutil.which("c++") is not None or shutil.which("g++") is not None
+        if has_compiler and cpu_kernel.enabled() and cpu_kernel.isa() is not None:
+            pytest.fail("a C++ compiler and AVX2 are here but the decode GEMM kernel did not build (see the warning log)")
+        pytest.skip("no compiler, no AVX2, or LORAMUX_CPU_KERNEL=0: the torch path is tested elsewhere")
+    return module

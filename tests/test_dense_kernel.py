@@ -4,7 +4,6 @@ transformers, and the untouched torch path when it is off or cannot build."""
 from __future__ import annotations
 
 import copy
-import shutil
 
 import pytest
 import torch
@@ -16,17 +15,11 @@ from loramux.dense_kernel import DecodeLinear
 
 from lora_fixtures import tiny_llama
 
-HAS_COMPILER = shutil.which("c++") is not None or shutil.which("g++") is not None
 
 
-@pytest.fixture(scope="module")
-def kernel():
-    module = dense_kernel.load()
-    if module is None:
-        if HAS_COMPILER and cpu_kernel.enabled() and cpu_kernel.isa() is not None:
-            pytest.fail("a C++ compiler and AVX2 are here but the decode GEMM kernel did not build (see the warning log)")
-        pytest.skip("no compiler, no AVX2, or LORAMUX_CPU_KERNEL=0: the torch path is tested elsewhere")
-    return module
+@pytest.fixture
+def kernel(decode_gemm_kernel):  # tests/conftest.py: built once, fails (not skips) where it should build
+    return decode_gemm_kernel
 
 
 @pytest.fixture

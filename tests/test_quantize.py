@@ -4,30 +4,23 @@ still route per row, and merging into int8 is refused."""
 from __future__ import annotations
 
 import copy
-import shutil
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loramux import MultiLoraModel, cpu_kernel, dense_kernel
+from loramux import MultiLoraModel, dense_kernel
 from loramux.errors import MergedAdapterError
 from loramux.quantize import Int8Embedding, Int8Linear, quantize_model, quantize_weight
 
 from lora_fixtures import make_adapter, tiny_llama
 
-HAS_COMPILER = shutil.which("c++") is not None or shutil.which("g++") is not None
 
 
-@pytest.fixture(scope="module")
-def kernel():
-    module = dense_kernel.load()
-    if module is None:
-        if HAS_COMPILER and cpu_kernel.enabled() and cpu_kernel.isa() is not None:
-            pytest.fail("a C++ compiler and AVX2 are here but the decode GEMM kernel did not build")
-        pytest.skip("no kernel here: Int8Linear's torch path is tested below")
-    return module
+@pytest.fixture
+def kernel(decode_gemm_kernel):  # tests/conftest.py: built once, fails (not skips) where it should build
+    return decode_gemm_kernel
 
 
 def test_quantize_weight_round_trips_within_half_a_step():
