@@ -16,7 +16,8 @@ inputs with more than ``MAX_ROWS`` rows (prefill), other dtypes or devices, and 
 
 The same call also switches Llama-style RMSNorms (the class's forward is transformers' ``LlamaRMSNorm``
 code, character for character) to one fused kernel call instead of 7 ATen ops: the next largest
-per-step cost at B1 once the matmuls are fast (~61 norms per step of the default model).
+per-step cost at B1 once the matmuls are fast (~61 norms per step of the default model), and points
+the model's SDPA attention at the kernel's one-token attention (``decode_attention.py``).
 
 Semantics: ``F.linear(x, weight, bias)``, with float32 rounding in the kernel's own fixed order; a row's
 result does not depend on the other rows of the call or on the number of threads (bit for bit).
@@ -36,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loramux import cpu_kernel
+from loramux import cpu_kernel, decode_attention
 
 logger = logging.getLogger(__name__)
 
@@ -138,7 +139,9 @@ def install(model: nn.Module) -> int:
             if fused is not None:
                 module.__class__ = fused
                 norms += 1
-    logger.debug("decode GEMM kernel on %d linear layers, fused RMSNorm on %d", len(linears), norms)
+    attention = decode_attention.install(model, kernel)
+    logger.debug("decode GEMM kernel on %d linear layers, fused RMSNorm on %d, decode attention on %d configs",
+                 len(linears), norms, attention)
     return len(linears)
 
 
@@ -152,6 +155,7 @@ def uninstall(model: nn.Module) -> int:
             count += 1
         elif type(module) in fused:
             module.__class__ = fused[type(module)]
+    decode_attention.uninstall(model)
     return count
 
 
