@@ -4,16 +4,17 @@
     token, compute the next-token mask, turn it into the (V,) bool tensor the engine takes, accept
     the token; over the tokens of a fixed JSON answer. llguidance (what loramux uses) and, when it
     is installed, xgrammar 0.2.8 side by side; plus tokenizer-wrap and schema-compile times.
-(B) The engine end to end on the default model: 8 greedy rows, 48 tokens each (EOS ignored),
-    free vs every row constrained by a schema long enough never to complete vs half and half;
-    rounds alternate, median wall and process CPU time per configuration (CPU time is steadier on a
-    shared machine). The overhead is constrained / free - 1 (target: under 10% of a decode step).
-
+(B) The engine end to end on the default model: 8 rows, 48 tokens each (EOS ignored), greedy or seeded
+    sampled (``--sampling``), free vs every row constrained by a schema long enough never to complete vs
+    half and half; rounds alternate, median wall and process CPU time per configuration (CPU time is
+    steadier on a shared machine). The overhead is constrained / free - 1 (target: under 10% of a decode
+    step).
 (C) The engine's token pick alone (``engine.sampling.pick_tokens`` on 8 x 49,152 logits), all rows free vs
-    all constrained (mask, masked argmax, accept): the per-step cost a constraint adds, without the noise
-    of the forward pass.
+    all constrained (mask, masked pick, accept), greedy or sampled: the per-step cost a constraint adds,
+    without the noise of the forward pass.
 
-    .venv/bin/python benchmarks/bench_structured.py [--threads 2] [--rounds 3] [--no-engine]
+    .venv/bin/python benchmarks/bench_structured.py [--threads 2] [--rounds 3] [--parts ABC]
+        [--sampling greedy|sampled|both]
 """
 from __future__ import annotations
 
@@ -89,42 +90,56 @@ def bench_xgrammar(tok, vocab: int, ids: list[int], reps: int) -> dict[str, floa
             "p99_us": 1e6 * sorted(times)[int(0.99 * len(times))]}
 
 
-def bench_pick(tok, vocab: int, rows: int = 8, steps: int = 30) -> dict[str, float]:
+SAMPLED = dict(temperature=0.8, top_p=0.95)  # the sampled mode of (B) and (C); seeded per row
+
+
+def _params(sampling: str, i: int, **kw):
+    from loramux.engine import SamplingParams
+
+    if sampling == "greedy":
+        return SamplingParams(temperature=0, **kw)
+    return SamplingParams(seed=1000 + i, **SAMPLED, **kw)
+
+
+def bench_pick(tok, vocab: int, sampling: str, rounds: int, rows: int = 8, steps: int = 30) -> dict[str, list]:
     """(C) The engine's per-step token pick (``pick_tokens`` on (B, V) logits) with every row free vs
-    every row constrained (mask + masked argmax + accept): the whole per-step cost a constraint adds,
-    without the forward pass's noise."""
+    every row constrained (mask + masked pick + accept): the whole per-step cost a constraint adds,
+    without the forward pass's noise. Rounds alternate; (wall, CPU) seconds per step each round."""
     from types import SimpleNamespace
 
-    from loramux.engine import SamplingParams
-    from loramux.engine.sampling import pick_tokens
+    from loramux.engine.sampling import make_generator, pick_tokens
     from loramux.server import schemas
     from loramux.server.structured import StructuredOutputs
 
     structured = StructuredOutputs(tok, vocab)
     fmt = schemas.ResponseFormat.model_validate({"type": "json_schema", "json_schema": {"name": "x", "schema": LONG}})
     factory = structured.factory(fmt)
-    params = SamplingParams(max_tokens=64, temperature=0)
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(steps, rows, vocab, generator=gen)  # (steps, B, V)
-    out: dict[str, float] = {}
-    for name, constrained in (("free", False), ("constrained", True), ("free2", False), ("constrained2", True)):
-        seqs = [SimpleNamespace(params=params, constraint=factory() if constrained else None, generator=None)
-                for _ in range(rows)]
-        start = time.perf_counter()
-        for step in range(steps):
-            picks = pick_tokens(logits[step], seqs)
-            for seq, token in zip(seqs, picks):
-                assert isinstance(token, int), token
-                if seq.constraint is not None:
-                    seq.constraint.accept(token)
-        out[name] = (time.perf_counter() - start) / steps
+    out: dict[str, list] = {"free": [], "constrained": []}
+    for rnd in range(rounds + 1):  # round 0 is a warm-up
+        for name in ("free", "constrained"):
+            seqs = []
+            for i in range(rows):
+                params = _params(sampling, i, max_tokens=64)
+                seqs.append(SimpleNamespace(params=params, constraint=factory() if name == "constrained" else None,
+                                            generator=None if params.greedy else make_generator(params.seed, logits.device)))
+            start, cpu = time.perf_counter(), time.process_time()
+            for step in range(steps):
+                picks = pick_tokens(logits[step], seqs)
+                for seq, token in zip(seqs, picks):
+                    assert isinstance(token, int), token
+                    if seq.constraint is not None:
+                        seq.constraint.accept(token)
+            if rnd:
+                out[name].append(((time.perf_counter() - start) / steps, (time.process_time() - cpu) / steps))
     return out
 
 
-def bench_engine(rounds: int) -> dict[str, list[float]]:
+def bench_engine(rounds: int, sampling: str) -> dict[str, list[tuple[float, float]]]:
     from loramux import MultiLoraModel
     from loramux.base import load_base
-    from loramux.engine import Engine, SamplingParams
+    from loramux.engine import Engine
     from loramux.server import schemas
     from loramux.server.structured import StructuredOutputs
 
@@ -137,8 +152,8 @@ def bench_engine(rounds: int) -> dict[str, list[float]]:
 
     def run(constrained: int) -> tuple[float, float]:
         start, cpu = time.perf_counter(), time.process_time()
-        handles = [engine.submit(p, params=SamplingParams(max_tokens=48, temperature=0, ignore_eos=True,
-                                                          constraint=factory if i < constrained else None))
+        handles = [engine.submit(p, params=_params(sampling, i, max_tokens=48, ignore_eos=True,
+                                                   constraint=factory if i < constrained else None))
                    for i, p in enumerate(prompts)]
         outs = [h.result(timeout=600) for h in handles]
         assert all(o.completion_tokens == 48 for o in outs), [o.finish_reason for o in outs]
@@ -153,42 +168,51 @@ def bench_engine(rounds: int) -> dict[str, list[float]]:
     return results
 
 
+def _report(label: str, res: dict[str, list[tuple[float, float]]], unit: float, fmt: str) -> None:
+    for j, what in ((0, "wall"), (1, "CPU")):
+        med = {k: statistics.median(x[j] for x in v) for k, v in res.items()}
+        for k, v in res.items():
+            print(f"{label} {k:>11}: {what} median {fmt.format(unit * med[k])} "
+                  f"(rounds {', '.join(fmt.format(unit * x[j]) for x in v)})")
+        free = med["free"]
+        print(f"{label} {what} overhead: " + ", ".join(f"{k} {100 * (m / free - 1):+.1f}%" for k, m in med.items()
+                                                        if k != "free"))
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--reps", type=int, default=20)
-    ap.add_argument("--no-engine", action="store_true")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds of (B) and (C) after a warm-up")
+    ap.add_argument("--reps", type=int, default=20, help="repetitions of the answer in (A)")
+    ap.add_argument("--parts", default="ABC", help="which parts to run, e.g. BC (default ABC)")
+    ap.add_argument("--sampling", default="greedy", choices=("greedy", "sampled", "both"),
+                    help=f"(B) and (C): greedy rows, seeded sampled rows ({SAMPLED}), or both")
+    ap.add_argument("--no-engine", action="store_true", help="same as --parts AC")
     args = ap.parse_args()
+    parts = set(args.parts.upper()) - ({"B"} if args.no_engine else set())
+    modes = ("greedy", "sampled") if args.sampling == "both" else (args.sampling,)
     torch.set_num_threads(args.threads)
-    print(f"torch threads: {torch.get_num_threads()}")
+    print(f"torch threads: {torch.get_num_threads()}, parts {''.join(sorted(parts))}, sampling {', '.join(modes)}")
     from loramux.base import load_base
 
     _, tok = load_base(None)
     vocab = 49152
     ids = list(tok(ANSWER, add_special_tokens=False)["input_ids"])
     print(f"tokenizer vocab {len(tok)}, mask length {vocab}, answer {len(ids)} tokens")
-    for name, fn in (("llguidance", bench_llguidance), ("xgrammar", bench_xgrammar)):
-        r = fn(tok, vocab, ids, args.reps)
-        if r is None:
-            print(f"{name}: not installed")
-            continue
-        print(f"{name}: wrap tokenizer {r['wrap_s']:.2f} s, compile schema {1e3 * r['compile_s']:.1f} ms, "
-              f"mask+accept per token median {r['per_token_us']:.1f} us (p99 {r['p99_us']:.1f} us)")
-    pick = bench_pick(tok, vocab)
-    free, con = min(pick["free"], pick["free2"]), min(pick["constrained"], pick["constrained2"])
-    print(f"pick_tokens, 8 rows: free {1e3 * free:.2f} ms/step, all constrained {1e3 * con:.2f} ms/step: "
-          f"+{1e3 * (con - free):.2f} ms per step (+{1e3 * (con - free) / 8:.3f} ms per constrained row)")
-    if args.no_engine:
-        return
-    res = bench_engine(args.rounds)
-    for j, what in ((0, "wall"), (1, "CPU")):
-        med = {k: statistics.median(x[j] for x in v) for k, v in res.items()}
-        for k, v in res.items():
-            print(f"engine 8 rows x 48 tokens, {k:>4} constrained: {what} median {med[k]:.2f} s "
-                  f"(rounds {', '.join(f'{x[j]:.2f}' for x in v)})")
-        print(f"{what} overhead: all rows constrained {100 * (med['all'] / med['free'] - 1):+.1f}%, "
-              f"half {100 * (med['half'] / med['free'] - 1):+.1f}% of the free batch")
+    if "A" in parts:
+        for name, fn in (("llguidance", bench_llguidance), ("xgrammar", bench_xgrammar)):
+            r = fn(tok, vocab, ids, args.reps)
+            if r is None:
+                print(f"{name}: not installed")
+                continue
+            print(f"{name}: wrap tokenizer {r['wrap_s']:.2f} s, compile schema {1e3 * r['compile_s']:.1f} ms, "
+                  f"mask+accept per token median {r['per_token_us']:.1f} us (p99 {r['p99_us']:.1f} us)")
+    for mode in modes:
+        if "C" in parts:
+            _report(f"(C) pick_tokens 8 rows {mode}, ms/step,", bench_pick(tok, vocab, mode, args.rounds), 1e3,
+                    "{:.2f}")
+        if "B" in parts:
+            _report(f"(B) engine 8 rows x 48 tokens {mode}, s,", bench_engine(args.rounds, mode), 1.0, "{:.2f}")
 
 
 if __name__ == "__main__":

@@ -101,7 +101,7 @@ FAULTS = {
     "constraint": SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, constraint=lambda: RaisingConstraint(3)),
     "constraint_factory": SamplingParams(max_tokens=8, temperature=0, constraint=lambda: 1 / 0),
     "constraint_bad_mask": SamplingParams(max_tokens=8, temperature=0.5, constraint=lambda: _BadMask()),
-    # greedy constrained rows are masked all at once (sampling._pick_constrained_greedy): still one row's fault
+    # greedy constrained rows pick among their allowed ids in numpy (sampling._pick_one): still one row's fault
     "constraint_bad_mask_greedy": SamplingParams(max_tokens=8, temperature=0, constraint=lambda: _BadMask()),
     "constraint_empty_mask_greedy": SamplingParams(max_tokens=8, temperature=0, ignore_eos=True,
                                                    constraint=lambda: _EmptyMask()),
