@@ -10,6 +10,10 @@ Rows: plain transformers (its nn.Linear, MKL) and loramux (``MultiLoraModel``: t
 on every linear, the grouped-LoRA kernel) at B1 and B16, base rows and rows over 4 adapters of
 different ranks and targets; each step appends one token to a 128-token KV cache (cropped back before
 the next), keeps the last position's logits (``logits_to_keep=1``). Medians over interleaved rounds.
+Plain transformers steps on its ``DynamicCache`` (which re-concatenates every layer's keys and values
+each step); loramux rows on the engine's ``RowsKV`` (written in place), what ``loramux serve`` runs.
+The int8 rows (``quantize.quantize_model``: weight-only int8, per-output-channel scales) have their own
+floor: their weight bytes (int8 + scales) / bandwidth, or the same FLOPs / sgemm peak.
 
     .venv/bin/python benchmarks/bench_core.py --steps-only     # this table alone (~3 min)
 """
@@ -22,6 +26,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from loramux.engine.kv import RowsKV
 
 CONTEXT = 128
 TARGETS = {  # rank -> target modules: different ranks and different layers per adapter
@@ -49,12 +55,17 @@ def make_mixed_adapters(base, root: Path) -> list[Path]:
 
 
 def weight_stats(model) -> tuple[int, int]:
-    """(bytes, element count) of the weights a decode step reads: every nn.Linear's weight once (tied ones once)."""
-    seen = {}
+    """(bytes, element count) of the weights a decode step reads: every nn.Linear's weight once (tied ones once);
+    an int8 layer's ``qweight`` and ``wscale`` instead."""
+    seen, count = {}, {}
     for module in model.modules():
-        if isinstance(module, torch.nn.Linear):
-            seen[module.weight.data_ptr()] = module.weight
-    return sum(w.numel() * w.element_size() for w in seen.values()), sum(w.numel() for w in seen.values())
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        tensors = [module.qweight, module.wscale] if hasattr(module, "qweight") else [module.weight]
+        for t in tensors:
+            seen[t.data_ptr()] = t
+        count[tensors[0].data_ptr()] = tensors[0].numel()
+    return sum(w.numel() * w.element_size() for w in seen.values()), sum(count.values())
 
 
 class Floor:
@@ -74,7 +85,7 @@ class Floor:
         torch.mm(self.a, self.a)
         self.peak.append(2 * 2048**3 / (clock() - t0))
 
-    def seconds(self, batch: int, nbytes: int, count: int) -> float:
+    def seconds(self, batch: int, nbytes: int, count: int) -> float:  # noqa: D401 - the floor of one step
         bw, peak = statistics.median(self.bw), statistics.median(self.peak)
         return max(nbytes / bw, 2 * batch * count / peak)
 
@@ -88,7 +99,7 @@ def _step_calls(models: dict, rows: dict, generator_seed: int = 7) -> tuple[dict
         ids = torch.randint(3, 49152, (batch, CONTEXT), generator=g)
         if batch not in prefilled:  # one prefill per batch size (on the plain model); runners copy it
             prefilled[batch] = models["plain"](input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values
-        caches[label] = copy.deepcopy(prefilled[batch])
+        caches[label] = copy.deepcopy(prefilled[batch]) if model == "plain" else RowsKV.from_cache(prefilled[batch])
         nxt = torch.randint(3, 49152, (batch, 1), generator=g)
         mask = torch.ones(batch, CONTEXT + 1, dtype=torch.long)
         pos = torch.full((batch, 1), CONTEXT, dtype=torch.long)
@@ -102,22 +113,29 @@ def _step_calls(models: dict, rows: dict, generator_seed: int = 7) -> tuple[dict
 def bench_steps(base, reps: int, root: Path) -> dict:
     """The step table's measurements: seconds per step (median) per row, the floor's samples, weight stats."""
     from loramux import MultiLoraModel
+    from loramux.quantize import quantize_model
 
     plain = base
-    lm = MultiLoraModel(copy.deepcopy(base))
     paths = make_mixed_adapters(plain, root)
+    lm = MultiLoraModel(copy.deepcopy(base))
+    base8 = copy.deepcopy(base)
+    quantize_model(base8)
+    lm8 = MultiLoraModel(base8)
     names = []
     for path in paths:
         lm.load_adapter(path, adapter_name=path.name)
+        lm8.load_adapter(path, adapter_name=path.name)
         names.append(path.name)
     mixed16 = [names[i % 4] for i in range(16)]
     rows = {"plain B1": ("plain", 1, None), "loramux B1 base": ("lm", 1, ["__base__"]),
             "loramux B1 adapter r8": ("lm", 1, [names[0]]),
             "plain B16": ("plain", 16, None), "loramux B16 base": ("lm", 16, ["__base__"] * 16),
-            "loramux B16 mixed 4 adapters": ("lm", 16, mixed16)}
+            "loramux B16 mixed 4 adapters": ("lm", 16, mixed16),
+            "int8 B1 base": ("lm8", 1, ["__base__"]), "int8 B16 mixed 4 adapters": ("lm8", 16, mixed16)}
     nbytes, count = weight_stats(plain)
+    nbytes8, _ = weight_stats(base8)
     with torch.inference_mode():
-        calls, caches = _step_calls({"plain": plain, "lm": lm}, rows)
+        calls, caches = _step_calls({"plain": plain, "lm": lm, "lm8": lm8}, rows)
         keys = list(calls)
 
         def run(k, clock):
@@ -138,8 +156,9 @@ def bench_steps(base, reps: int, root: Path) -> dict:
                 for k in keys[r % len(keys):] + keys[:r % len(keys)]:
                     times[k].append(run(k, clock))
             return {"times": {k: statistics.median(v) for k, v in times.items()}, "samples": times,
-                    "bw": floor.bw, "peak": floor.peak, "nbytes": nbytes, "count": count,
-                    "floor": {b: floor.seconds(b, nbytes, count) for b in (1, 16)}, "load": os.getloadavg()[0]}
+                    "bw": floor.bw, "peak": floor.peak, "nbytes": nbytes, "count": count, "nbytes8": nbytes8,
+                    "floor": {b: floor.seconds(b, nbytes, count) for b in (1, 16)},
+                    "floor8": {b: floor.seconds(b, nbytes8, count) for b in (1, 16)}, "load": os.getloadavg()[0]}
 
         res = rounds(time.perf_counter)
         # the same on one thread by that thread's CPU time, floor included: the work itself, which the
@@ -160,7 +179,7 @@ def step_rows(res: dict) -> list[tuple[str, str, str, str, bool | None]]:
     out = []
     for label, seconds in t.items():
         batch = 16 if "B16" in label else 1
-        ratio = seconds / fl[batch]
+        ratio = seconds / (res["floor8"] if label.startswith("int8") else fl)[batch]
         target = targets.get(label)
         out.append((label, f"{seconds * 1e3:.1f}", f"{ratio:.2f}", f"<= {target}" if target else "",
                     None if target is None else ratio <= target))
@@ -174,6 +193,10 @@ def step_lines(res: dict) -> list[str]:
             f"range {min(res['bw']) / 1e9:.1f}-{max(res['bw']) / 1e9:.1f}) = {res['floor'][1] * 1e3:.1f} ms at B1; "
             f"B16: max(that, {2 * 16 * res['count'] / 1e9:.1f} GFLOP at {peak / 1e9:.0f} GFLOP/s sgemm) = "
             f"{res['floor'][16] * 1e3:.1f} ms",
+            f"int8 rows: {res['nbytes8'] / 2**20:.0f} MiB of int8 weights and scales = {res['floor8'][1] * 1e3:.1f} ms at B1, "
+            f"{res['floor8'][16] * 1e3:.1f} ms at B16; int8 / fp32 loramux: B1 base "
+            f"{t['int8 B1 base'] / t['loramux B1 base']:.2f}, B16 mixed "
+            f"{t['int8 B16 mixed 4 adapters'] / t['loramux B16 mixed 4 adapters']:.2f}",
             f"loramux / plain transformers: B1 {t['plain B1'] / t['loramux B1 base']:.2f}x faster, "
             f"B16 {t['plain B16'] / t['loramux B16 base']:.2f}x faster (base rows); B16 mixed / B16 base "
             f"{t['loramux B16 mixed 4 adapters'] / t['loramux B16 base']:.2f}"]

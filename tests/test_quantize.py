@@ -133,3 +133,24 @@ def test_memory_report_counts_an_int8_base_by_its_int8_bytes():
     weights = sum(m.qweight.numel() + 4 * m.wscale.numel() for m in qbase.modules()
                   if isinstance(m, Int8Linear))                   # lm_head is tied: counted here once
     assert weights <= int8 < fp32 / 2, (int8, fp32, weights)
+
+
+def test_an_int8_base_gets_the_fused_norms_and_the_decode_attention(decode_gemm_kernel):
+    """Its linears are Int8Linear (already the kernel), but install() still switches its norms and attention."""
+    from loramux import MultiLoraModel, decode_attention
+    from loramux.quantize import quantize_model
+
+    from lora_fixtures import tiny_llama
+
+    plain = tiny_llama(seed=6)
+    base = copy.deepcopy(plain)
+    quantize_model(base)
+    lm = MultiLoraModel(base)
+    assert lm.base_model.config._attn_implementation == decode_attention.ATTN_NAME
+    assert type(lm.base_model.model.norm).__name__.startswith("Fused")
+    ids = torch.randint(3, 96, (3, 6), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        cache = lm(input_ids=ids[:, :5], use_cache=True).past_key_values
+        step = lm(input_ids=ids[:, 5:], past_key_values=cache, use_cache=True).logits
+        want = plain(input_ids=ids).logits[:, 5:]
+    assert (step - want).abs().max() < 0.05 * want.abs().max()  # int8 weights: close, not fp32-equal

@@ -118,13 +118,15 @@ def install(model: nn.Module) -> int:
     """Switch every plain ``nn.Linear`` of ``model`` with float32 CPU weights to :class:`DecodeLinear`, and
     Llama-style RMSNorms to the fused one (``_fused_norm_class``).
 
-    Returns how many linears were switched (0 when the kernel is unavailable: the model is left as it is).
+    Returns how many linears were switched (0 when the kernel is unavailable: the model is left as it is;
+    0 too for an int8 base, whose layers already call the kernel, but its norms and attention are switched).
     Subclasses of ``nn.Linear`` (quantized or already wrapped layers) are left alone.
     """
     global _KERNEL
     linears = [m for m in model.modules() if type(m) is nn.Linear and m.weight.dtype == torch.float32
                and m.weight.device.type == "cpu"]
-    if not linears:
+    int8 = any(getattr(m, "is_quantized", False) for m in model.modules())  # quantize.py's layers: norms, attention
+    if not linears and not int8:
         return 0
     kernel = load()
     if kernel is None:

@@ -84,3 +84,26 @@ def test_buffers_shrink_when_rows_leave():
     big = batch.nbytes()
     batch.remove(list(range(15)))
     assert batch.rows == 1 and batch.nbytes() < big / 2
+
+
+def test_from_cache_copies_a_transformers_cache_and_crop_drops_the_newest_columns():
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    g = torch.Generator().manual_seed(0)
+    layers = [(torch.randn(3, H, 5, D, generator=g), torch.randn(3, H, 5, D, generator=g)) for _ in range(LAYERS)]
+    for i, (k, v) in enumerate(layers):
+        cache.update(k, v, i)
+    kv = RowsKV.from_cache(cache)
+    assert kv.rows == 3 and kv.width == 5 and kv.lengths == [5, 5, 5] and bool(kv.mask.all())
+    for layer, (k, v) in zip(kv.layers, layers):
+        assert torch.equal(layer.keys, k) and torch.equal(layer.values, v)
+        assert layer.keys.data_ptr() != k.data_ptr()  # a copy
+    _feed(kv, torch.tensor([[7.0, 8.0], [7.0, 8.0], [7.0, 8.0]]))
+    assert kv.width == 7 and kv.get_seq_length() == 7
+    kv.crop(-2)
+    assert kv.width == 5 and kv.get_seq_length() == 5 and kv.lengths == [5, 5, 5]
+    for layer, (k, v) in zip(kv.layers, layers):
+        assert torch.equal(layer.keys, k) and torch.equal(layer.values, v)
+    kv.crop(4)  # a positive value keeps that many (transformers' legacy meaning)
+    assert kv.width == 4 and kv.layers[0].keys.shape[2] == 4

@@ -97,6 +97,13 @@ class _RowsLayer(DynamicLayer):
     def get_seq_length(self) -> int:
         return self.end - self.start
 
+    def crop(self, max_length: int) -> None:
+        """Keep the first ``max_length`` columns of the window (negative: drop that many from the right)."""
+        width = self.end - self.start
+        keep = width + max_length if max_length < 0 else min(max_length, width)
+        self.end = self.start + max(0, keep)
+        self._view()
+
 
 class RowsKV(Cache):
     """A left-padded batch cache plus its attention mask; see the module docstring.
@@ -156,6 +163,27 @@ class RowsKV(Cache):
         self.mask = ones if self.mask is None else torch.cat([self.mask, ones], dim=1)
         self.lengths = [n + new_tokens for n in self.lengths]
         return self.mask
+
+    @classmethod
+    def from_cache(cls, cache: Cache) -> "RowsKV":
+        """A copy of an unpadded transformers cache (every layer's ``keys``/``values`` (B, H, L, D)): B rows of L tokens."""
+        kv = cls()
+        kv.layers = [_RowsLayer.holding(layer.keys, layer.values) for layer in cache.layers]
+        rows, length = kv.layers[0].rows, kv.layers[0].end
+        kv.lengths = [length] * rows
+        kv.mask = torch.ones(rows, length, dtype=torch.long, device=cache.layers[0].keys.device)
+        return kv
+
+    def crop(self, max_length: int) -> None:
+        """Drop columns from the right (the newest tokens), as ``DynamicCache.crop``: keep ``max_length`` columns,
+        or drop ``-max_length`` if negative. Every row loses the same tokens (they are real in every row)."""
+        width = self.width
+        keep = max(0, width + max_length if max_length < 0 else min(max_length, width))
+        for layer in self.layers:
+            layer.crop(keep)
+        if self.mask is not None:
+            self.mask = self.mask[:, :keep]
+            self.lengths = [int(n) for n in self.mask.sum(dim=1).tolist()]
 
     def add(self, other: "RowsKV") -> None:
         """Append the rows of ``other`` (e.g. a freshly prefilled sequence) after the live rows."""
