@@ -27,6 +27,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -113,6 +114,16 @@ inline void tile(const T* __restrict W, const float* __restrict x, float* __rest
   }
 }
 
+template <typename T, int nr>
+inline void rows_of(const T* Wt, const float* x, float* y, int64_t M, int64_t K, int64_t N, int64_t n0, const float* st,
+                    const float* bt, Prefetch& pf);
+
+#if defined(__AVX512F__)
+inline void vstore_(float* p, vec v) { _mm512_storeu_ps(p, v); }
+#else
+inline void vstore_(float* p, vec v) { _mm256_storeu_ps(p, v); }
+#endif
+
 // every x row block against W rows [n0, n0 + nr), prefetching W rows [n0 + nr, pf_end)
 template <typename T, int nr>
 inline void rows(const T* W, const float* x, float* y, int64_t M, int64_t K, int64_t N, int64_t n0, const float* sc,
@@ -125,6 +136,24 @@ inline void rows(const T* W, const float* x, float* y, int64_t M, int64_t K, int
   const int64_t lines = (pf_hi - pf_lo) * static_cast<int64_t>(sizeof(T)) / 64 + 1;
   const int64_t steps = std::max<int64_t>(1, (M + MR - 1) / MR * (K / L));
   Prefetch pf{reinterpret_cast<const char*>(pf_lo), reinterpret_cast<const char*>(pf_hi), lines, steps, 0};
+  if constexpr (std::is_same<T, int8_t>::value) {
+    if (M > MR) {  // several row blocks: widen the int8 tile to float once (exact), not once per block
+      thread_local std::vector<float> wide;
+      wide.resize(static_cast<size_t>(nr * K));
+      int64_t k = 0;
+      for (; k + L <= nr * K; k += L) vstore_(wide.data() + k, vload(Wt + k));
+      for (; k < nr * K; ++k) wide[k] = static_cast<float>(Wt[k]);
+      rows_of<float, nr>(wide.data(), x, y, M, K, N, n0, st, bt, pf);
+      return;
+    }
+  }
+  rows_of<T, nr>(Wt, x, y, M, K, N, n0, st, bt, pf);
+}
+
+// the row blocks of x against one W tile (already offset), then the row tail
+template <typename T, int nr>
+inline void rows_of(const T* Wt, const float* x, float* y, int64_t M, int64_t K, int64_t N, int64_t n0, const float* st,
+                    const float* bt, Prefetch& pf) {
   int64_t m = 0;
   for (; m + MR <= M; m += MR) tile<T, nr, MR>(Wt, x + m * K, y + m * N + n0, K, N, st, bt, pf);
   switch (M - m) {  // the row tail: same per-element arithmetic, fewer accumulators
@@ -142,15 +171,18 @@ inline void rows(const T* W, const float* x, float* y, int64_t M, int64_t K, int
 template <typename T>
 void gemm(const T* W, const float* x, float* y, int64_t M, int64_t K, int64_t N, const float* sc, const float* b,
           int threads) {
-  const int64_t tiles = (N + NR - 1) / NR;
+  // 1-2 rows: 4 W rows per tile (8 accumulators fit, and the int8 widening per FMA is the larger cost);
+  // more: NR. The tile shape never changes a result: each y[m, n] is the same accumulator chain.
+  const int64_t nr_ = M <= 2 ? 4 : NR;
+  const int64_t tiles = (N + nr_ - 1) / nr_;
 #pragma omp parallel num_threads(threads) if (threads > 1)
   {
     const int64_t T_ = omp_get_num_threads(), t = omp_get_thread_num();
     const int64_t lo = tiles * t / T_, hi = tiles * (t + 1) / T_;  // a contiguous chunk of W per thread
-    const T* pf_end = W + std::min(N, hi * NR) * K;
+    const T* pf_end = W + std::min(N, hi * nr_) * K;
     for (int64_t tt = lo; tt < hi; ++tt) {
-      const int64_t n0 = tt * NR;
-      switch (std::min<int64_t>(NR, N - n0)) {  // NR is 3 or 4
+      const int64_t n0 = tt * nr_;
+      switch (std::min<int64_t>(nr_, N - n0)) {
         case 1: rows<T, 1>(W, x, y, M, K, N, n0, sc, b, pf_end); break;
         case 2: rows<T, 2>(W, x, y, M, K, N, n0, sc, b, pf_end); break;
         case 3: rows<T, 3>(W, x, y, M, K, N, n0, sc, b, pf_end); break;
