@@ -140,24 +140,15 @@ FUZZ = settings(max_examples=90, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])
 
 
-def test_fuzz_completions(app_client):
+@pytest.mark.parametrize("path,schema", [("/v1/completions", "CompletionRequest"),
+                                         ("/v1/chat/completions", "ChatCompletionRequest")])
+def test_fuzz_request_schema(app_client, path, schema):
     client, app = app_client
 
     @FUZZ
-    @given(body=hostile(with_model(from_schema(request_schema(app, "CompletionRequest")))))
+    @given(body=hostile(with_model(from_schema(request_schema(app, schema)))))
     def run(body):
-        post(client, "/v1/completions", body)
-
-    run()
-
-
-def test_fuzz_chat(app_client):
-    client, app = app_client
-
-    @FUZZ
-    @given(body=hostile(with_model(from_schema(request_schema(app, "ChatCompletionRequest")))))
-    def run(body):
-        post(client, "/v1/chat/completions", body)
+        post(client, path, body)
 
     run()
 

@@ -25,23 +25,26 @@ def chat_choice(index: int, text: str, finish: Optional[str], logprobs: Optional
             "finish_reason": finish}
 
 
+def _envelope(kind: str, rid: str, created: int, model: str, choices: list[dict], with_usage: bool,
+              use: Optional[dict[str, int]]) -> dict[str, Any]:
+    """The fields every response object and stream chunk shares; ``usage`` only ``with_usage``."""
+    out: dict[str, Any] = {"id": rid, "object": kind, "created": created, "model": model, "choices": choices}
+    if with_usage:
+        out["usage"] = use
+    return out
+
+
 def completion_object(rid: str, created: int, model: str, choices: list[dict], use: dict[str, int]) -> dict[str, Any]:
-    return {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": choices,
-            "usage": use}
+    return _envelope("text_completion", rid, created, model, choices, True, use)
 
 
 def chat_object(rid: str, created: int, model: str, choices: list[dict], use: dict[str, int]) -> dict[str, Any]:
-    return {"id": rid, "object": "chat.completion", "created": created, "model": model, "choices": choices,
-            "usage": use}
+    return _envelope("chat.completion", rid, created, model, choices, True, use)
 
 
 def completion_chunk(rid: str, created: int, model: str, choices: list[dict], *, with_usage: bool,
                      use: Optional[dict[str, int]] = None) -> dict[str, Any]:
-    out: dict[str, Any] = {"id": rid, "object": "text_completion", "created": created, "model": model,
-                           "choices": choices}
-    if with_usage:
-        out["usage"] = use
-    return out
+    return _envelope("text_completion", rid, created, model, choices, with_usage, use)
 
 
 def chat_chunk_choice(index: int, delta: dict[str, str], finish: Optional[str],
@@ -52,8 +55,4 @@ def chat_chunk_choice(index: int, delta: dict[str, str], finish: Optional[str],
 
 def chat_chunk(rid: str, created: int, model: str, choices: list[dict], *, with_usage: bool,
                use: Optional[dict[str, int]] = None) -> dict[str, Any]:
-    out: dict[str, Any] = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-                           "choices": choices}
-    if with_usage:
-        out["usage"] = use
-    return out
+    return _envelope("chat.completion.chunk", rid, created, model, choices, with_usage, use)
