@@ -205,3 +205,23 @@ def test_install_fuses_llama_norms_only_and_uninstall_restores(kernel):
     dense_kernel.uninstall(model)
     assert all(type(model.get_submodule(n)) is LlamaRMSNorm for n in norms)
     assert not any(type(m) is DecodeLinear for m in model.modules())
+
+
+def test_merge_and_unload_returns_plain_transformers_classes(kernel, tmp_path):
+    """The returned model must not depend on install(): plain nn.Linear, the original norm class, SDPA; and it
+    pickles (the fused norm classes and the attention name exist only in a process that ran install)."""
+    import io
+
+    from loramux import MultiLoraModel, decode_attention
+
+    from lora_fixtures import make_adapter
+
+    plain = tiny_llama(seed=8)
+    path = make_adapter(plain, tmp_path / "a", seed=2, r=4, target_modules=["q_proj", "v_proj"])
+    lm = MultiLoraModel(copy.deepcopy(plain))
+    lm.load_adapter(path, adapter_name="a")
+    merged = lm.merge_and_unload("a")
+    assert not [n for n, m in merged.named_modules() if isinstance(m, nn.Linear) and type(m) is not nn.Linear]
+    assert {type(m) for m in merged.modules()} <= {type(m) for m in plain.modules()}
+    assert merged.config._attn_implementation == "sdpa" != decode_attention.ATTN_NAME
+    torch.save(merged, io.BytesIO())
