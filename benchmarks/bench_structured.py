@@ -136,36 +136,123 @@ def bench_pick(tok, vocab: int, sampling: str, rounds: int, rows: int = 8, steps
     return out
 
 
-def bench_engine(rounds: int, sampling: str) -> dict[str, list[tuple[float, float]]]:
+class _EngineClock:
+    """The engine thread's own CPU time (``time.thread_time``, blind to the other users of the machine and to
+    other threads): in decode steps, in their ``pick_tokens`` (which asks each constraint for its mask) and in
+    the constraints' ``accept``/``is_finished``. What constrained rows add to a step is then measured inside
+    the step itself, not as the difference of two noisy end-to-end runs. Meant for ``--threads 1`` (at 2 the
+    OpenMP worker's share of a step is not in this thread's time)."""
+
+    def __init__(self) -> None:
+        self.decode = self.pick = self.accept = 0.0
+        self.steps, self._in_decode = 0, False
+
+    def install(self) -> None:
+        import loramux.engine.step as step_mod  # the benchmark wraps the engine's own calls
+
+        real_pick, real_decode, clock = step_mod.pick_tokens, step_mod.Stepper.decode, self
+
+        def pick(logits, seqs):
+            start = time.thread_time()
+            out = real_pick(logits, seqs)
+            if clock._in_decode:  # not the first token, picked at the end of a prefill
+                clock.pick += time.thread_time() - start
+            return out
+
+        def decode(stepper) -> None:
+            if not stepper.batch:
+                return real_decode(stepper)
+            clock._in_decode, start = True, time.thread_time()
+            try:
+                return real_decode(stepper)
+            finally:
+                clock.decode += time.thread_time() - start
+                clock.steps, clock._in_decode = clock.steps + 1, False
+
+        step_mod.pick_tokens, step_mod.Stepper.decode = pick, decode
+
+    def timed(self, factory):
+        """A constraint factory whose constraints count their accept/is_finished time."""
+        clock = self
+
+        class Timed:
+            def __init__(self) -> None:
+                self.inner = factory()
+
+            def allowed(self, vocab_size: int):
+                return self.inner.allowed(vocab_size)  # counted in pick_tokens
+
+            def accept(self, token_id: int) -> None:
+                start = time.thread_time()
+                self.inner.accept(token_id)
+                clock.accept += time.thread_time() - start
+
+            def is_finished(self) -> bool:
+                start = time.thread_time()
+                done = self.inner.is_finished()
+                clock.accept += time.thread_time() - start
+                return done
+
+        return Timed
+
+    def per_step(self) -> tuple[float, float, float]:
+        """(decode, pick, accept) seconds per decode step since the last call; resets."""
+        steps = max(self.steps, 1)
+        out = (self.decode / steps, self.pick / steps, self.accept / steps)
+        self.decode = self.pick = self.accept = 0.0
+        self.steps = 0
+        return out
+
+
+def bench_engine(rounds: int, sampling: str) -> dict[str, list[tuple[float, ...]]]:
+    """(B): per round and configuration (wall s, process CPU s, then per decode step the engine thread's
+    CPU s in the step, in pick_tokens, in the constraints' accept/is_finished)."""
     from loramux import MultiLoraModel
     from loramux.base import load_base
     from loramux.engine import Engine
     from loramux.server import schemas
     from loramux.server.structured import StructuredOutputs
 
+    clock = _EngineClock()
+    clock.install()
     model, tok = load_base(None)
     engine = Engine(MultiLoraModel(model), tok, max_running=8).start()
     structured = StructuredOutputs(tok, model.config.vocab_size)
     fmt = schemas.ResponseFormat.model_validate({"type": "json_schema", "json_schema": {"name": "x", "schema": LONG}})
-    factory = structured.factory(fmt)
+    factory = clock.timed(structured.factory(fmt))
     prompts = [f"List sixty digits, as a JSON array, for request {i}:" for i in range(8)]
 
-    def run(constrained: int) -> tuple[float, float]:
+    def run(constrained: int) -> tuple[float, ...]:
+        clock.per_step()
         start, cpu = time.perf_counter(), time.process_time()
         handles = [engine.submit(p, params=_params(sampling, i, max_tokens=48, ignore_eos=True,
                                                    constraint=factory if i < constrained else None))
                    for i, p in enumerate(prompts)]
         outs = [h.result(timeout=600) for h in handles]
         assert all(o.completion_tokens == 48 for o in outs), [o.finish_reason for o in outs]
-        return time.perf_counter() - start, time.process_time() - cpu  # wall, CPU seconds of all threads
+        # wall, CPU seconds of all threads, then the engine thread's per-step figures
+        return (time.perf_counter() - start, time.process_time() - cpu, *clock.per_step())
 
     run(0), run(8)  # warm-up
-    results: dict[str, list[tuple[float, float]]] = {"free": [], "half": [], "all": []}
+    results: dict[str, list[tuple[float, ...]]] = {"free": [], "half": [], "all": []}
     for _ in range(rounds):
         for name, k in (("free", 0), ("all", 8), ("half", 4)):
             results[name].append(run(k))
     engine.shutdown()
     return results
+
+
+def _report_steps(label: str, res: dict[str, list[tuple[float, ...]]]) -> None:
+    """The engine thread's per-step figures of (B) and what the constrained rows add to a free step."""
+    med = {k: [statistics.median(x[j] for x in v) for j in (2, 3, 4)] for k, v in res.items()}
+    for k, (step, pick, acc) in med.items():
+        print(f"{label} {k:>4}: engine thread per decode step {1e3 * step:.2f} ms, pick_tokens {1e3 * pick:.3f} ms, "
+              f"constraint accept/is_finished {1e3 * acc:.3f} ms")
+    free_step, free_pick = med["free"][0], med["free"][1]
+    for k in ("half", "all"):
+        added = med[k][1] + med[k][2] - free_pick
+        print(f"{label} {k}: constrained rows add {1e3 * added:.3f} ms per step = {100 * added / free_step:+.2f}% of "
+              f"the free step (whole step {100 * (med[k][0] / free_step - 1):+.1f}%)")
 
 
 def _report(label: str, res: dict[str, list[tuple[float, float]]], unit: float, fmt: str) -> None:
@@ -212,7 +299,9 @@ def main() -> None:
             _report(f"(C) pick_tokens 8 rows {mode}, ms/step,", bench_pick(tok, vocab, mode, args.rounds), 1e3,
                     "{:.2f}")
         if "B" in parts:
-            _report(f"(B) engine 8 rows x 48 tokens {mode}, s,", bench_engine(args.rounds, mode), 1.0, "{:.2f}")
+            res = bench_engine(args.rounds, mode)
+            _report(f"(B) engine 8 rows x 48 tokens {mode}, s,", res, 1.0, "{:.2f}")
+            _report_steps(f"(B) {mode}", res)
 
 
 if __name__ == "__main__":
