@@ -183,15 +183,31 @@ def test_each_row_picks_what_it_picks_alone_whatever_shares_its_batch():
 
 @pytest.mark.parametrize("params", [SamplingParams(temperature=0.9), SamplingParams(temperature=1.5, top_k=7),
                                     SamplingParams(temperature=0.6, top_p=0.7),
-                                    SamplingParams(temperature=1.0, top_k=20, top_p=0.95)])
-def test_numpy_filters_keep_what_filter_logits_keeps_with_the_same_probabilities(params):
+                                    SamplingParams(temperature=1.0, top_k=20, top_p=0.95),
+                                    SamplingParams(temperature=2.0, top_p=0.999)])
+@pytest.mark.parametrize("spread", [3.0, 12.0])  # 12: most tokens under sampling.NUCLEUS_CUT (only the head sorted)
+def test_numpy_filters_keep_what_filter_logits_keeps_with_the_same_probabilities(params, spread):
     torch.manual_seed(2)
-    row = torch.randn(V) * 3
+    row = torch.randn(V) * spread
     reference = filter_logits(row, params).softmax(-1)  # (V,)
     p = sampling._probs(row.numpy().copy(), params)
     p = p / p.sum()
     assert ((p > 0) == (reference > 0).numpy()).all()
     assert abs(p - reference.double().numpy()).max() < 1e-6
+
+
+def test_top_p_whose_nucleus_reaches_below_the_cut_sorts_everything():
+    """One token at 10, the rest just under 0 (each under NUCLEUS_CUT of it, together ~1% of the mass, no
+    ties): top_p 0.999 needs part of the tail (the full sort), top_p 0.9 only the head."""
+    row = torch.linspace(-0.5, 0.0, V)
+    row[17] = 10.0
+    for top_p in (0.999, 0.9):
+        params = SamplingParams(temperature=1.0, top_p=top_p)
+        p = sampling._probs(row.numpy().copy(), params)
+        reference = filter_logits(row, params).softmax(-1)
+        assert ((p > 0) == (reference > 0).numpy()).all()
+        assert int((p > 0).sum()) > 1 if top_p == 0.999 else int((p > 0).sum()) == 1
+        assert abs(p / p.sum() - reference.double().numpy()).max() < 1e-6
 
 
 def test_a_constrained_sampled_row_draws_only_allowed_tokens_with_the_masked_distribution():

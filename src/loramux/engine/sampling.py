@@ -185,11 +185,28 @@ def _probs(vals: np.ndarray, params: SamplingParams) -> np.ndarray:
     if not math.isfinite(total) or total <= 0.0:
         raise RowFailed(NOT_FINITE)
     if params.top_p < 1.0:
-        desc = np.sort(p)[::-1]  # (n,)
-        before = np.cumsum(desc) - desc  # mass strictly before each position
-        keep = max(1, int(np.count_nonzero(before < params.top_p * total)))  # the first always stays
-        p[p < desc[keep - 1]] = 0.0
+        _nucleus(p, params.top_p * total)
     return p
+
+
+NUCLEUS_CUT = 1e-4  # relative to the most likely token: below it, tokens are sorted only if the nucleus needs them
+
+
+def _nucleus(p: np.ndarray, mass: float) -> None:
+    """Top-p in place on p (n,) (unnormalised, max 1): zero every token below the smallest probability kept
+    when tokens are taken in descending order until the mass strictly before one reaches ``mass``.
+
+    Only the head (p >= NUCLEUS_CUT) is sorted when it alone holds ``mass``: the nucleus then ends inside it
+    and every token below the cut is dropped anyway. A language model's distribution has a few hundred such
+    tokens out of 49,152 (sorting all of them was ~2 ms per row); a flat one falls back to the full sort.
+    """
+    head = p[p >= NUCLEUS_CUT]
+    if float(head.sum()) < mass:
+        head = p
+    desc = np.sort(head)[::-1]  # (h,)
+    before = np.cumsum(desc) - desc  # mass strictly before each position
+    keep = max(1, int(np.count_nonzero(before < mass)))  # the first always stays
+    p[p < desc[keep - 1]] = 0.0
 
 
 def _processed(row: torch.Tensor, seq: Any) -> torch.Tensor:
