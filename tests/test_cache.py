@@ -1,7 +1,8 @@
 """Adapter registry and resident-adapter cache: discovery, LRU, pinning, budgets, failures, host tier.
 
-A fake model stands in for MultiLoraModel here (loads are bookkeeping only), so these tests are about
-the policy; tests/engine/ runs the same cache on real models.
+A fake model stands in for MultiLoraModel here (loads are bookkeeping only, kept in the model's own
+``LoadTable``: the same pins and retirement), so these tests are about the cache; tests/engine/ runs
+the same cache on real models.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch
 
 from loramux.cache import AdapterCache, AdapterRegistry, estimate_nbytes
 from loramux.errors import AdapterError, AdapterNotFoundError, AdapterWeightsError, UnknownAdapterError
+from loramux.loads import AdapterInfo, LoadTable
 
 
 def fake_adapter(path, numel: int = 250):
@@ -45,22 +47,38 @@ def _open_every_gate():
 
 
 class FakeModel:
-    """load_adapter/delete_adapter/adapters like MultiLoraModel; ``gates`` hold a load, ``fail`` breaks one."""
+    """load_adapter/delete_adapter/adapters/pin/unpin like MultiLoraModel, over the model's own
+    ``LoadTable`` (no tensors); ``gates`` hold a load, ``fail`` breaks one."""
 
     dtype = torch.float32
 
     def __init__(self, device: str = "cpu", parsed: bool = False) -> None:
         self.device = torch.device("cpu") if device == "cpu" else SimpleNamespace(type=device)
         self.accepts_parsed_adapters = parsed
-        self.loaded: dict[str, SimpleNamespace] = {}
+        self.table = LoadTable()
+        self.lock = threading.Lock()
         self.gates: dict[str, threading.Event] = {}
         self.fail: set[str] = set()
         self.sources: list[tuple[str, object]] = []
         _MODELS.append(self)
 
     @property
-    def adapters(self):
-        return dict(self.loaded)
+    def loaded(self) -> dict[str, AdapterInfo]:
+        """Names served now (a retired load still pinned is not among them)."""
+        with self.lock:
+            return dict(self.table.current)
+
+    adapters = loaded
+
+    def preload(self, name: str, path: str | None, nbytes: int = 10) -> AdapterInfo:
+        """An adapter the user loaded before the cache existed."""
+        with self.lock:
+            info = AdapterInfo(name=name, path=path, slot=self.table.reserve(), ranks={}, scalings={},
+                               modules_to_save=(), use_dora=False, nbytes=nbytes)
+            old = self.table.publish(info)
+            if old is not None and self.table.retire(old):
+                self.table.free(old.slot)
+            return info
 
     def load_adapter(self, source, adapter_name, replace=False):
         if adapter_name in self.gates:
@@ -68,12 +86,33 @@ class FakeModel:
         if adapter_name in self.fail:
             raise AdapterWeightsError(f"{adapter_name}: boom")
         self.sources.append((adapter_name, source))
-        info = SimpleNamespace(name=adapter_name, nbytes=1000, path=str(source))
-        self.loaded[adapter_name] = info
-        return info
+        return self.preload(adapter_name, str(source), nbytes=1000)
 
     def delete_adapter(self, name):
-        del self.loaded[name]
+        with self.lock:
+            info = self.table.get(name)
+            if self.table.retire(info):
+                self.table.free(info.slot)
+
+    def pin(self, adapter):
+        with self.lock:
+            info = self.table.get(adapter) if isinstance(adapter, str) else adapter
+            assert self.table.holds(info)
+            self.table.pin(info.slot)
+            return info
+
+    def unpin(self, info):
+        with self.lock:
+            if self.table.unpin(info.slot):
+                self.table.free(info.slot)
+
+    def pins(self, info):
+        with self.lock:
+            return self.table.pins(info)
+
+    def retired_loads(self):
+        with self.lock:
+            return self.table.retired()
 
 
 @pytest.fixture
@@ -148,10 +187,11 @@ def test_pinned_adapter_is_never_evicted(registry):
     model = FakeModel()
     cache = AdapterCache(model, registry, max_loaded=1)
     load(cache, "a")
-    cache.acquire("a")
+    held = cache.acquire("a")
+    assert held is model.loaded["a"] and cache.pins("a") == 1
     assert cache.start_load("b", force=True) == "full"  # the only resident adapter is pinned
     assert "a" in model.loaded and cache.stats()["evictions"] == 0
-    cache.release("a")
+    cache.release(held)
     load(cache, "b")
     assert list(model.loaded) == ["b"] and cache.stats()["evictions"] == 1
 
@@ -161,8 +201,7 @@ def test_lru_over_unpinned_and_protection(registry):
     cache = AdapterCache(model, registry, max_loaded=3)
     for name in "abc":
         load(cache, name)
-    cache.acquire("a")
-    cache.release("a")  # a is now the most recently used; b the least
+    cache.release(cache.acquire("a"))  # a is now the most recently used; b the least
     load(cache, "d")
     assert sorted(model.loaded) == ["a", "c", "d"]
     # c is least recently used now, but a waiting request wants it: evict a instead
@@ -208,8 +247,8 @@ def test_loads_run_in_the_background_and_failures_are_reported(registry):
 
 def test_adopts_adapters_loaded_before(registry, adapters):
     model = FakeModel()
-    model.loaded["a"] = SimpleNamespace(nbytes=10, path=str(adapters["a"]))
-    model.loaded["own"] = SimpleNamespace(nbytes=10, path=None)  # no directory: can never be reloaded
+    model.preload("a", str(adapters["a"]))
+    model.preload("own", None)  # no directory: can never be reloaded
     cache = AdapterCache(model, registry, max_loaded=2)
     assert cache.is_resident("a") and cache.is_resident("own")
     load(cache, "b")  # evicts a (reloadable), never "own"
@@ -230,21 +269,46 @@ def test_host_tier_on_cuda_skips_the_disk_on_reload(registry):
     assert cache.stats()["host_hits"] == 1 and cache.stats()["host_tier_adapters"] == 2
 
 
-def test_unregistered_or_repointed_adapter_leaves_once_unused(registry, adapters, tmp_path):
+def test_unregistered_or_repointed_adapter_is_not_served_and_leaves_once_unused(registry, adapters, tmp_path):
     model = FakeModel()
-    cache = AdapterCache(model, registry, max_loaded=4)
+    cache = AdapterCache(model, registry, max_loaded=2)
     load(cache, "a")
     load(cache, "b")
-    assert cache.acquire("a")
-    registry.unregister("a")  # a running request still uses it: it stays, but is no longer served
-    assert not cache.is_resident("a") and not cache.acquire("a") and "a" in model.loaded
-    cache.release("a")
-    assert "a" not in model.loaded
-    registry.register("b", fake_adapter(tmp_path / "b2"))  # re-pointed while unused: dropped at once
-    assert "b" not in model.loaded
-    load(cache, "b")  # and loaded again from its new directory
-    assert model.sources[-1] == ("b", str(tmp_path / "b2"))
-    assert cache.stats()["evictions"] == 2
+    held = cache.acquire("a")
+    registry.unregister("a")  # a running request still uses it: its weights stay, but it is no longer served
+    assert not cache.is_resident("a") and cache.acquire("a") is None and "a" not in model.loaded
+    assert model.retired_loads() == [held] and model.pins(held) == 1
+    stats = cache.stats()  # the retired load still takes its place and bytes
+    assert stats["resident_adapters"] == 2 and stats["resident_bytes"] == 2000 and stats["pinned"] == 1
+    load(cache, "c")  # in b's place (unpinned); a's old weights keep the other one
+    held_c = cache.acquire("c")
+    assert list(model.loaded) == ["c"] and cache.start_load("d") == "full"
+    cache.release(held)  # its request ended: the old weights leave, and their place is free
+    assert model.retired_loads() == [] and model.pins(held) == 0
+    load(cache, "b")
+    registry.register("c", fake_adapter(tmp_path / "c2"))  # re-pointed while in use: the next load is the new one
+    assert "c" not in model.loaded and model.retired_loads() == [held_c]
+    cache.evict_unpinned()
+    load(cache, "c")  # at once, beside the old weights its running request still uses
+    assert model.sources[-1] == ("c", str(tmp_path / "c2")) and model.loaded["c"] is not held_c
+    cache.release(held_c)
+    assert model.retired_loads() == [] and list(model.loaded) == ["c"]
+    assert cache.stats()["evictions"] == 4  # b, a (unregistered), c (re-pointed), b
+
+
+def test_an_adapter_repointed_while_loading_is_dropped_when_its_load_ends(registry, tmp_path):
+    model = FakeModel()
+    model.gates["a"] = threading.Event()
+    woke = threading.Event()
+    cache = AdapterCache(model, registry, on_change=woke.set)
+    assert cache.start_load("a") == "loading"
+    registry.register("a", fake_adapter(tmp_path / "a2"))  # its files change while the old ones are read
+    model.gates["a"].set()
+    assert woke.wait(GUARD_S)
+    assert "a" not in model.loaded and not cache.is_resident("a") and model.retired_loads() == []
+    del model.gates["a"]
+    load(cache, "a")
+    assert model.sources[-1] == ("a", str(tmp_path / "a2"))
 
 
 def test_force_never_evicts_an_adapter_a_request_ahead_waits_for(registry):

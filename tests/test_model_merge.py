@@ -70,7 +70,7 @@ def test_mixed_batch_while_merged_is_an_error_that_says_unmerge(model):
         model(input_ids=_ids(), adapter_names=["plain", "other", "__base__"])
     with pytest.raises(MergedAdapterError, match="unmerge_adapter\\(\\) before merging 'other'"):
         model.merge_adapter("other")
-    assert all(s.inflight == 0 for s in model._slot_states.values())
+    assert all(model.pins(info) == 0 for info in model.adapters.values())
 
 
 def test_delete_merged_adapter_unmerges_first(model, setup):

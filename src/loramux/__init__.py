@@ -14,7 +14,7 @@ __all__ = [
 ]
 
 # torch-backed pieces load on first use, so `import loramux` (and `loramux --help`) stays instant
-_LAZY = {"MultiLoraModel": "loramux.model", "AdapterInfo": "loramux.model", "load_base": "loramux.base",
+_LAZY = {"MultiLoraModel": "loramux.model", "AdapterInfo": "loramux.loads", "load_base": "loramux.base",
          "Engine": "loramux.engine", "SamplingParams": "loramux.engine"}
 
 

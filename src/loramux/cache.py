@@ -4,19 +4,22 @@
 (``loramux.registry``: name -> directory, re-exported here). It is bounded by a count
 (``max_loaded``) and/or a byte budget (``max_bytes``); loads run on a background thread so a load
 never stalls requests whose adapters are already resident; an adapter pinned by a running request
-(reference count) is never evicted; unpinned ones leave in least-recently-used order; an adapter
-unregistered or re-pointed in the registry stops being served and leaves once unused. On a CUDA
-model a host-memory tier keeps parsed adapters in RAM between disk and device, so a re-load after
-eviction skips the disk and the parsing.
+is never evicted; unpinned ones leave in least-recently-used order; an adapter unregistered or
+re-pointed in the registry stops being served at once (its running requests finish on its old
+weights). On a CUDA model a host-memory tier keeps parsed adapters in RAM between disk and device,
+so a re-load after eviction skips the disk and the parsing.
 
-Each adapter the cache knows has one ``AdapterRecord`` with one pin count, and every change of its
-state goes through ``_move`` (the table ``_TRANSITIONS``): LOADING -> RESIDENT -> RETIRING -> gone
-(a load that fails leaves from LOADING; an adapter re-pointed or unregistered while loading goes to
-RETIRING and leaves when its load ends). The engine's scheduler decides *when* to load and *what* may
-be evicted, with pure functions over ``snapshot()`` (``loramux.engine.policy``); this module does the
-bookkeeping and the work (``begin_load``, ``acquire``/``release``, evictions). All methods but the
-loader's are meant for one thread (the engine's step loop); the loader thread only touches state
-under ``_lock``.
+Where each piece of an adapter's state lives: the registry knows its name and files; the cache has
+one ``AdapterRecord`` while it is loading or resident (every change of state through ``_move``, the
+table ``_TRANSITIONS``: LOADING -> RESIDENT -> gone; a failed load leaves from LOADING); the model
+holds its slot, its load (``AdapterInfo``, the record's ``info``) and the load's one pin count
+(``MultiLoraModel.pin``/``unpin``, which ``acquire``/``release`` call). A load unregistered or
+re-pointed is deleted from the model at once; the model keeps its weights until their last pin
+goes, and the cache counts them against its limits until then (``CacheView.retired``). The
+engine's scheduler decides *when* to load and *what* may be evicted, with pure functions over
+``snapshot()`` (``loramux.engine.policy``); this module does the work (``begin_load``,
+``acquire``/``release``, evictions). All methods but the loader's are meant for one thread (the
+engine's step loop); the loader thread only touches state under ``_lock``.
 """
 from __future__ import annotations
 
@@ -32,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from loramux.errors import AdapterError
+from loramux.errors import AdapterError, UnknownAdapterError
 from loramux.openmp import release_thread_pool
 from loramux.registry import AdapterRegistry, check_name  # noqa: F401 - re-exported: the registry feeds the cache
 
@@ -68,30 +71,28 @@ def estimate_nbytes(path: Path, element_size: int) -> int:
 
 class AdapterState(str, enum.Enum):
     LOADING = "loading"    # being read and written into a model slot on the loader thread
-    RESIDENT = "resident"  # in the model and servable; running requests pin it
-    RETIRING = "retiring"  # unregistered or re-pointed: no new requests; evicted once unpinned (and loaded)
+    RESIDENT = "resident"  # in the model and servable; running requests pin its load
 
 
-# every allowed change of state; None = not in the cache (never loaded, evicted, or its load failed)
+# every allowed change of state; None = not in the cache (never loaded, evicted, retired, or its load failed)
 _TRANSITIONS: dict[AdapterState | None, frozenset[AdapterState | None]] = {
     None: frozenset({AdapterState.LOADING, AdapterState.RESIDENT}),  # RESIDENT: adopted from the model
-    AdapterState.LOADING: frozenset({AdapterState.RESIDENT, AdapterState.RETIRING, None}),
-    AdapterState.RESIDENT: frozenset({AdapterState.RETIRING, None}),
-    AdapterState.RETIRING: frozenset({None}),
+    AdapterState.LOADING: frozenset({AdapterState.RESIDENT, None}),
+    AdapterState.RESIDENT: frozenset({None}),
 }
 
 
 @dataclass
 class AdapterRecord:
-    """The cache's one record of an adapter; ``pins`` counts the running requests that use it."""
+    """The cache's record of an adapter while it is loading or resident; its pins are its load's (the model's)."""
 
     name: str
     state: AdapterState
     nbytes: int  # estimate while loading, the model's figure once loaded
-    pins: int = 0
     tick: int = 0  # last use, for LRU
     permanent: bool = False  # loaded before the cache existed and not in the registry: cannot reload
-    loaded: bool = False  # its weights are in the model (RESIDENT, or RETIRING after its load ended)
+    info: Any = None  # the model's load (AdapterInfo) once RESIDENT
+    discard: bool = False  # unregistered or re-pointed while LOADING: deleted from the model when the load ends
 
 
 @dataclass(frozen=True)
@@ -99,20 +100,25 @@ class RecordView:
     name: str
     state: AdapterState
     nbytes: int
-    pins: int
+    pins: int  # requests and calls holding its load now
     tick: int
     permanent: bool
-    loaded: bool
+
+    @property
+    def loaded(self) -> bool:
+        return self.state is AdapterState.RESIDENT
 
 
 @dataclass(frozen=True)
 class CacheView:
-    """A consistent copy of the cache's records and limits: what the policy functions decide on."""
+    """A consistent copy of the cache's records and limits: what the policy functions decide on.
+    ``retired``: bytes of each load no longer served but still pinned (it counts against the limits)."""
 
     records: tuple[RecordView, ...]
     max_loaded: int | None
     max_bytes: int | None
     max_concurrent_loads: int
+    retired: tuple[int, ...] = ()
 
     def get(self, name: str) -> RecordView | None:
         return next((r for r in self.records if r.name == name), None)
@@ -123,7 +129,7 @@ class CacheView:
 
     @property
     def loads_in_flight(self) -> int:
-        return sum(not r.loaded for r in self.records)
+        return sum(r.state is AdapterState.LOADING for r in self.records)
 
 
 class AdapterCache:
@@ -164,8 +170,8 @@ class AdapterCache:
             if permanent and info.path is not None and Path(info.path, _CONFIG).is_file():
                 self.registry.register(name, info.path)
                 permanent = False
-            record = self._entries[name] = AdapterRecord(name, AdapterState.RESIDENT, int(info.nbytes),
-                                                         permanent=permanent, loaded=True)
+            self._entries[name] = AdapterRecord(name, AdapterState.RESIDENT, int(info.nbytes), permanent=permanent,
+                                                info=info)
         self.registry.add_listener(self._registry_changed)
 
     # -- the state machine ----------------------------------------------------------------------
@@ -187,9 +193,11 @@ class AdapterCache:
     def snapshot(self) -> CacheView:
         """The records and limits as they are now (what ``loramux.engine.policy`` decides on)."""
         with self._lock:
-            return CacheView(tuple(RecordView(r.name, r.state, r.nbytes, r.pins, r.tick, r.permanent, r.loaded)
-                                   for r in self._entries.values()),
-                             self.max_loaded, self.max_bytes, self.max_concurrent_loads)
+            records = [(r, r.info) for r in self._entries.values()]
+        views = tuple(RecordView(r.name, r.state, r.nbytes, self.model.pins(info) if info is not None else 0, r.tick,
+                                 r.permanent) for r, info in records)
+        retired = tuple(int(i.nbytes) for i in self.model.retired_loads())
+        return CacheView(views, self.max_loaded, self.max_bytes, self.max_concurrent_loads, retired)
 
     def is_resident(self, name: str | None) -> bool:
         if name is None:
@@ -201,63 +209,74 @@ class AdapterCache:
     def is_loading(self, name: str) -> bool:
         with self._lock:
             record = self._entries.get(name)
-            return record is not None and not record.loaded and record.state is not AdapterState.RESIDENT
+            return record is not None and record.state is AdapterState.LOADING
 
     def pins(self, name: str) -> int:
+        """Pins on ``name``'s resident load (0 if it is not resident)."""
         with self._lock:
             record = self._entries.get(name)
-            return record.pins if record else 0
+            info = record.info if record is not None else None
+        return self.model.pins(info) if info is not None else 0
 
     def resident(self) -> list[str]:
         with self._lock:
             return [n for n, r in self._entries.items() if r.state is AdapterState.RESIDENT]
 
     def stats(self) -> dict[str, Any]:
+        view = self.snapshot()
+        loaded = [r for r in view.records if r.loaded]
         with self._lock:
-            loaded = [r for r in self._entries.values() if r.loaded]
-            return {**self.counters, "resident_adapters": len(loaded), "resident_bytes": sum(r.nbytes for r in loaded),
-                    "loading": sum(not r.loaded for r in self._entries.values()),
-                    "pinned": sum(r.pins > 0 for r in loaded), "host_tier_adapters": len(self._host or ())}
+            host = len(self._host or ())
+        return {**self.counters, "resident_adapters": len(loaded) + len(view.retired),
+                "resident_bytes": sum(r.nbytes for r in loaded) + sum(view.retired),
+                "loading": view.loads_in_flight, "pinned": sum(r.pins > 0 for r in loaded) + len(view.retired),
+                "host_tier_adapters": host}
 
     def record(self, hit: bool) -> None:
         self.counters["hits" if hit else "misses"] += 1
 
     # -- pinning (engine thread) --------------------------------------------------------------
-    def acquire(self, name: str | None) -> bool:
-        """Pin a resident adapter for one running request; False if it is not (or no longer) resident."""
-        if name is None:
-            return True
+    def acquire(self, name: str) -> Any:
+        """Pin ``name``'s resident load for one running request and return it (the model's
+        ``AdapterInfo``); None if it is not (or no longer) resident."""
         with self._lock:
             record = self._entries.get(name)
             if record is None or record.state is not AdapterState.RESIDENT:
-                return False
-            record.pins += 1
+                return None
             self._touch(record)
-            return True
+            # under the cache's lock (then the model's: always in this order), so a registry change
+            # either comes first (no record) or after (this request runs on the load it pinned). By
+            # name: the model's current load is the truth, also after a reload behind the cache's back.
+            try:
+                record.info = self.model.pin(name)
+            except UnknownAdapterError:  # deleted from the model behind the cache's back
+                self._move(record, None)
+                return None
+            return record.info
 
-    def release(self, name: str | None) -> None:
-        if name is None:
-            return
+    def release(self, info: Any) -> None:
+        """Undo one ``acquire`` (``info``: the load it returned); a retired load's weights leave with
+        its last pin (the model frees them)."""
+        self.model.unpin(info)
         with self._lock:
-            record = self._entries.get(name)
-            if record is None or record.pins == 0:
-                return
-            record.pins -= 1
-            self._touch(record)
-            drop = record.state is AdapterState.RETIRING and record.pins == 0
-        if drop:
-            self._evict(name)
+            record = self._entries.get(info.name)
+            if record is not None and record.info is info:
+                self._touch(record)
 
     def _registry_changed(self, name: str) -> None:
-        """``name`` was unregistered or re-pointed: stop serving the resident copy, drop it once unused."""
+        """``name`` was unregistered or re-pointed: stop serving its load now. The model keeps the
+        weights for the requests running on them and frees them with their last pin."""
         with self._lock:
             record = self._entries.get(name)
-            if record is None or record.permanent or record.state is AdapterState.RETIRING:
+            if record is None or record.permanent:
                 return
-            self._move(record, AdapterState.RETIRING)
-            drop = record.loaded and record.pins == 0
-        if drop:
-            self._evict(name)
+            if self._host is not None:  # its host copy is outdated too
+                self._host.pop(name, None)
+            if record.state is AdapterState.LOADING:
+                record.discard = True
+                return
+            self._move(record, None)
+        self._delete_from_model(name)
 
     # -- loading and eviction (engine thread) -------------------------------------------------
     def take_failures(self) -> dict[str, BaseException]:
@@ -276,7 +295,8 @@ class AdapterCache:
         """Mechanism: evict ``victims`` (each only if still unpinned) and load ``name`` in the background.
         False if ``name`` is known already or the loader is saturated (the caller's view was old)."""
         with self._lock:
-            if name in self._entries or sum(not r.loaded for r in self._entries.values()) >= self.max_concurrent_loads:
+            if name in self._entries or sum(r.state is AdapterState.LOADING for r in self._entries.values()) \
+                    >= self.max_concurrent_loads:
                 return False
             record = AdapterRecord(name, AdapterState.LOADING, need)
             self._entries[name] = record  # None -> LOADING
@@ -300,28 +320,29 @@ class AdapterCache:
             return policy.LoadStatus.LOADING if self.begin_load(name, path, need, decision.victims) else policy.LoadStatus.BUSY
         return decision.status
 
-    def _evict(self, name: str) -> None:
+    def _evict(self, name: str) -> bool:
+        """Evict ``name`` if it is resident and unpinned; True if it left."""
         with self._lock:
             record = self._entries.get(name)
-            if record is None or record.pins > 0 or not record.loaded:
-                return
-            if record.state is AdapterState.RETIRING and self._host is not None:  # its host copy is outdated too
-                self._host.pop(name, None)
+            if record is None or record.state is not AdapterState.RESIDENT or self.model.pins(record.info) > 0:
+                return False
             self._move(record, None)
+        self._delete_from_model(name)
+        logger.debug("evicted adapter %s", name)
+        return True
+
+    def _delete_from_model(self, name: str) -> None:
         try:
             self.model.delete_adapter(name)
         except AdapterError:  # deleted behind our back: it is gone either way
             logger.warning("adapter %s was already deleted from the model", name)
         self.counters["evictions"] += 1
-        logger.debug("evicted adapter %s", name)
 
     def evict_unpinned(self) -> int:
         """Evict every unpinned adapter (tests, memory pressure); returns how many left."""
         with self._lock:
-            names = [n for n, r in self._entries.items() if r.loaded and r.pins == 0 and not r.permanent]
-        for name in names:
-            self._evict(name)
-        return len(names)
+            names = [n for n, r in self._entries.items() if r.state is AdapterState.RESIDENT and not r.permanent]
+        return sum(self._evict(name) for name in names)
 
     # -- the loader thread --------------------------------------------------------------------
     def _load(self, name: str, path: Path) -> None:
@@ -334,23 +355,22 @@ class AdapterCache:
             with self._lock:
                 record = self._entries.get(name)
                 if record is not None:
-                    self._move(record, None)  # LOADING (or RETIRING) -> gone
+                    self._move(record, None)  # LOADING -> gone
                 self._failures[name] = exc
                 self.counters["load_errors"] += 1
         else:
             elapsed = time.perf_counter() - start
             with self._lock:
                 record = self._entries[name]
-                record.loaded, record.nbytes = True, int(getattr(info, "nbytes", record.nbytes))
-                stale = record.state is AdapterState.RETIRING
-                if not stale:
-                    self._move(record, AdapterState.RESIDENT)
+                record.nbytes, record.info = int(info.nbytes), info
+                stale = record.discard
+                self._move(record, None if stale else AdapterState.RESIDENT)
                 self._touch(record)
                 self.counters["loads"] += 1
                 self.counters["load_seconds"] += elapsed
             logger.debug("loaded adapter %s in %.3f s", name, elapsed)
-            if stale:  # unregistered or re-pointed while loading
-                self._evict(name)
+            if stale:  # unregistered or re-pointed while loading: its files were the old ones
+                self._delete_from_model(name)
         # the loader thread's OpenMP pool would be a second one beside the engine thread's, and two
         # pools make every small matmul of the engine pay a wake-up (see loramux/openmp.py)
         release_thread_pool()

@@ -37,6 +37,10 @@ class BatchMapping:
     _positions: dict = field(default_factory=dict, repr=False, compare=False)  # device -> (B,) positions
     _expanded: dict = field(default_factory=dict, repr=False, compare=False)   # factor -> mapping
     _tokens: dict = field(default_factory=dict, repr=False, compare=False)     # (device, T) -> token ranges
+    # SlotTable -> its kernel arguments for these rows (ops._kernel_args). Valid for the mapping's whole
+    # life: its slots are pinned while it is used (per call, or by the holder of a prepared routing), and
+    # a reload writes a new slot, so the weights of these slots never change under it.
+    _kernel_args: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def n_rows(self) -> int:

@@ -5,8 +5,10 @@ Which adapter a call uses is data: ``adapter_names`` (one per row), else the con
 once per call, carried by a context variable that every wrapped layer reads; nothing is written on
 the modules to route a call, so threads and asyncio tasks share one model safely.
 
-Loads are atomic (``plan_load`` does every check before the model changes) and thread-safe; a
-deleted adapter's weights are released when the last in-flight call that uses them returns.
+Loads are atomic (``plan_load`` does every check before the model changes) and thread-safe. Each
+load is one ``AdapterInfo`` with one pin count (``loads.py``): calls pin the slots they use, holders
+pin a load with ``pin``/``unpin``, and a deleted or replaced adapter's weights are released when the
+last pin goes.
 """
 from __future__ import annotations
 
@@ -15,8 +17,6 @@ import contextvars
 import functools
 import logging
 import threading
-from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -24,60 +24,21 @@ import torch
 from torch import nn
 
 from loramux import BASE_ADAPTER, dense_kernel
-from loramux.adapter import AdapterConfig, AdapterFile, read_adapter
+from loramux.adapter import AdapterFile, read_adapter
 from loramux.combine import plan_combination
-from loramux.errors import (AdapterConfigError, AdapterExistsError, AdapterNamesError, MergedAdapterError,
-                            TargetModuleError, UnknownAdapterError)
-from loramux.layers import SUPPORTED_TYPES, LoraLayer, ModulesToSaveLayer
+from loramux.errors import (AdapterExistsError, AdapterNamesError, MergedAdapterError,
+                            UnknownAdapterError)
+from loramux.layers import LoraLayer
 from loramux.loading import LoadPlan, check_against_base, plan_load
-from loramux.experts import ExpertsLayer, ExpertsSlot
-from loramux.targets import tower_of
-from loramux.mapping import BASE_SLOT, BatchMapping, record_call_rows, use_mapping
+from loramux.loads import AdapterInfo, LoadTable
+from loramux.routing import PreparedRouting, is_held, resolve_rows
+from loramux.wrapping import ModuleWrappers
+from loramux.mapping import BatchMapping, record_call_rows, use_mapping
 from loramux.merging import merge_layer, unmerge_layer
 
 logger = logging.getLogger(__name__)
 
 _UNSET = object()
-
-
-@dataclass(frozen=True)
-class AdapterInfo:
-    """What a loaded adapter is and costs. ``nbytes`` counts the tensors it added beside the base."""
-
-    name: str
-    path: str | None
-    slot: int
-    ranks: Mapping[str, int]           # module -> rank
-    scalings: Mapping[str, float]      # module -> alpha/r (or alpha/sqrt(r))
-    modules_to_save: tuple[str, ...]
-    use_dora: bool
-    nbytes: int
-    config: AdapterConfig | None = None  # the parsed adapter_config.json (None for add_weighted_adapter results)
-
-    @property
-    def target_modules(self) -> list[str]:
-        return sorted(self.ranks)
-
-    @property
-    def rank(self) -> int:
-        return max(self.ranks.values(), default=0)
-
-
-@dataclass(frozen=True)
-class PreparedRouting:
-    """Rows -> slots resolved once by ``MultiLoraModel.prepare_routing``: the row names, the mapping,
-    and the loads (``AdapterInfo`` objects) its slots came from, checked on every use."""
-
-    names: tuple[str | None, ...]
-    mapping: BatchMapping
-    infos: tuple[AdapterInfo, ...]
-
-
-@dataclass
-class _SlotState:
-    modules: list[str] = field(default_factory=list)   # wrapped modules holding this slot
-    inflight: int = 0                                    # calls running with it
-    retired: bool = False                                # deleted/replaced: free when inflight hits 0
 
 
 class MultiLoraModel(nn.Module):
@@ -91,12 +52,9 @@ class MultiLoraModel(nn.Module):
         # GEMM kernel: a class switch, no copy (dense_kernel.py); a no-op where the kernel is unavailable
         dense_kernel.install(base_model)
         self.base_model = base_model
-        # original module names -> original modules; wrapping does not change what names mean
-        self._originals: dict[str, nn.Module] = {n: m for n, m in base_model.named_modules() if n}
-        self._wrappers: dict[str, nn.Module] = {}
-        self._infos: dict[str, AdapterInfo] = {}
-        self._slot_states: dict[int, _SlotState] = {}
-        self._free_slots: list[int] = []
+        self._wrappers = ModuleWrappers(base_model)  # module name -> wrapper; .originals: name -> original module
+        self._originals = self._wrappers.originals
+        self._loads = LoadTable()  # every load, its slot and its pins; guarded by _lock
         self._lock = threading.RLock()
         self._default: str | None = None
         self._context_default: contextvars.ContextVar[Any] = contextvars.ContextVar(f"loramux_default_{id(self)}", default=_UNSET)
@@ -124,7 +82,7 @@ class MultiLoraModel(nn.Module):
     @property
     def adapters(self) -> Mapping[str, AdapterInfo]:
         with self._lock:
-            return dict(self._infos)
+            return dict(self._loads.current)
 
     @property
     def merged_adapter(self) -> str | None:
@@ -165,7 +123,7 @@ class MultiLoraModel(nn.Module):
         if not isinstance(name, str) or not name or name == BASE_ADAPTER:
             raise AdapterNamesError(f"adapter_name {name!r} is not allowed; use a non-empty name other than {BASE_ADAPTER!r}")
         with self._lock:
-            if name in self._infos and not replace:
+            if name in self._loads.current and not replace:
                 raise AdapterExistsError(f"an adapter named {name!r} is already loaded; pass replace=True to swap it, "
                                          "or delete_adapter() it first")
 
@@ -175,74 +133,27 @@ class MultiLoraModel(nn.Module):
             if self._merged is not None and use_dora:
                 raise MergedAdapterError(f"adapter {self._merged!r} is merged into the base weights; unmerge_adapter() "
                                          f"before loading the DoRA adapter {name!r} (its norms are taken on W0)")
-            # LoRA and modules_to_save on one module nest: the adapter's copy replaces its rows, LoRA of
-            # other adapters applies to theirs (LoraLayer.copies, or LoRA inside a ModulesToSaveLayer's module).
-            # Only fused MoE experts (ExpertsLayer) cannot also be replaced whole.
-            kinds = {m: self._wrapper_kind(m, e, m in plan.lora) for m, e in [*plan.lora.items(), *plan.modules_to_save.items()]}
-            for module, kind in kinds.items():
-                existing = self._wrappers.get(module)
-                if existing is not None and type(existing) is not kind:
-                    holders = sorted(n for n, i in self._infos.items() if existing.slots.get(i.slot) is not None
-                                     or getattr(existing, "copies", None) is not None and existing.copies.get(i.slot) is not None)
-                    raise TargetModuleError(
-                        f"adapter {name!r}: module {module!r} is a {'LoRA target' if module in plan.lora else 'modules_to_save module'} "
-                        f"here but a {type(existing).__name__} for the loaded adapter(s) {holders}; loramux cannot put LoRA on "
-                        "fused MoE experts and replace them whole in one model")
-            slot = self._free_slots.pop() if self._free_slots else len(self._slot_states)
-            state = self._slot_states[slot] = _SlotState()
-            created = [m for m in [*plan.lora, *plan.modules_to_save] if m not in self._wrappers]
+            kinds = self._wrappers.check(name, plan, self._holders)
+            slot = self._loads.reserve()
             try:
-                for module, entry in [*plan.lora.items(), *plan.modules_to_save.items()]:
-                    wrapper = self._wrap(module, kinds[module])
-                    table = wrapper.copies if module not in plan.lora and isinstance(wrapper, LoraLayer) else wrapper.slots
-                    table.write(slot, entry)
-                    state.modules.append(module)
+                self._wrappers.write(slot, plan, kinds, self._loads.modules(slot))
             except BaseException:  # e.g. out of memory part-way: no half-written slot, no new wrapper stays
-                self._rollback(slot, [*plan.lora, *plan.modules_to_save], created)
+                self._loads.cancel(slot)
                 raise
-            old = self._infos.get(name)
             info = AdapterInfo(name=name, path=path, slot=slot, ranks=dict(plan.ranks), scalings=dict(plan.scalings),
                                modules_to_save=tuple(plan.modules_to_save), use_dora=use_dora, nbytes=plan.nbytes,
                                config=plan.config)
-            self._infos[name] = info
+            if self._merged == name:  # the merged weights are the old load's
+                self._unmerge_locked()
+            old = self._loads.publish(info)
             if old is not None:
-                if self._merged == name:
-                    self._unmerge_locked()
-                self._retire(old.slot)
+                self._retire(old)
             return info
 
-    def _rollback(self, slot: int, modules: list[str], created: list[str]) -> None:
-        """Undo a commit that failed part-way: clear ``slot`` everywhere it may be written, unwrap the
-        wrappers this commit created (in reverse: a nested one first), and free the slot."""
-        for module in modules:
-            wrapper = self._wrappers.get(module)
-            for table in (getattr(wrapper, "slots", None), getattr(wrapper, "copies", None)):
-                if table is not None:
-                    table.clear(slot)
-        for module in reversed(created):
-            if self._wrappers.pop(module, None) is not None:
-                parent_name, _, child = module.rpartition(".")
-                setattr(self._originals[parent_name] if parent_name else self.base_model, child, self._originals[module])
-        self._slot_states[slot].modules.clear()
-        self._free_slots.append(slot)
-
-    def _wrapper_kind(self, module: str, entry: object, lora: bool) -> type:
-        if isinstance(entry, ExpertsSlot):
-            return ExpertsLayer
-        return LoraLayer if lora or isinstance(self._originals[module], SUPPORTED_TYPES) else ModulesToSaveLayer
-
-    def _wrap(self, module_name: str, kind: type) -> nn.Module:
-        wrapper = self._wrappers.get(module_name)
-        if wrapper is None:
-            parent_name, _, child = module_name.rpartition(".")
-            # the original parent, also when it is itself wrapped (LoRA on classifier.dense inside a
-            # modules_to_save classifier): the wrapper calls that original, so the LoRA is on the path
-            parent = self._originals[parent_name] if parent_name else self.base_model
-            wrapper = kind(self._originals[module_name])
-            wrapper.in_tower = tower_of(module_name, self._originals) is not None  # routes per image (targets.py)
-            setattr(parent, child, wrapper)
-            self._wrappers[module_name] = wrapper
-        return wrapper
+    def _holders(self, wrapper: nn.Module) -> list[str]:
+        """The loaded adapters with tensors in ``wrapper`` (for error messages)."""
+        tables = [t for t in (getattr(wrapper, "slots", None), getattr(wrapper, "copies", None)) if t is not None]
+        return sorted(n for n, i in self._loads.current.items() if any(t.get(i.slot) is not None for t in tables))
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Forget ``adapter_name``; its memory is released once no running call uses it."""
@@ -252,32 +163,48 @@ class MultiLoraModel(nn.Module):
                 self._unmerge_locked()
             if self._default == adapter_name:
                 self._default = None
-            del self._infos[adapter_name]
-            self._retire(info.slot)
+            self._retire(info)
 
-    def _retire(self, slot: int) -> None:
-        state = self._slot_states[slot]
-        state.retired = True
-        if state.inflight == 0:
-            self._free(slot)
+    def _retire(self, info: AdapterInfo) -> None:
+        if self._loads.retire(info):
+            self._free(info.slot)
 
     def _free(self, slot: int) -> None:
-        state = self._slot_states[slot]
-        for module in state.modules:
-            wrapper = self._wrappers[module]
-            wrapper.slots.clear(slot)
-            if isinstance(wrapper, LoraLayer):
-                wrapper.copies.clear(slot)
-        state.modules.clear()
-        state.retired = False
-        self._free_slots.append(slot)
+        self._wrappers.clear(slot, self._loads.free(slot))
 
     def _info(self, name: str) -> AdapterInfo:
-        info = self._infos.get(name)
-        if info is None:
-            raise UnknownAdapterError(f"no adapter named {name!r} is loaded; loaded: {sorted(self._infos) or 'none'}; "
-                                      "load it with load_adapter(path, adapter_name=...)")
-        return info
+        return self._loads.get(name)
+
+    # ------------------------------------------------------------------ holding a load
+    def pin(self, adapter: str | AdapterInfo) -> AdapterInfo:
+        """Hold an adapter's current load (a name) or a given load until ``unpin``: its weights stay,
+        and rows routed to it keep them, even if the name is deleted or replaced meanwhile (requests
+        already running finish on the weights they started with). Raises ``UnknownAdapterError``."""
+        with self._lock:
+            info = self._info(adapter) if isinstance(adapter, str) else adapter
+            if not self._loads.holds(info):
+                raise UnknownAdapterError(f"the load of adapter {info.name!r} given to pin() was already released; "
+                                          "pin the adapter by name for its current load")
+            self._loads.pin(info.slot)
+            return info
+
+    def unpin(self, info: AdapterInfo) -> None:
+        """Release one ``pin``; a retired load's weights are freed with its last pin."""
+        with self._lock:
+            if not self._loads.holds(info):
+                raise UnknownAdapterError(f"the load of adapter {info.name!r} given to unpin() is not held")
+            if self._loads.unpin(info.slot):
+                self._free(info.slot)
+
+    def pins(self, info: AdapterInfo) -> int:
+        """Calls running with ``info``'s load plus its holders (0 once it is released)."""
+        with self._lock:
+            return self._loads.pins(info)
+
+    def retired_loads(self) -> list[AdapterInfo]:
+        """Loads deleted or replaced but still pinned: their weights are still in memory."""
+        with self._lock:
+            return self._loads.retired()
 
     # ------------------------------------------------------------------ choosing adapters
     def set_adapter(self, adapter_name: str | None) -> None:
@@ -299,34 +226,22 @@ class MultiLoraModel(nn.Module):
         finally:
             self._context_default.reset(token)
 
-    def prepare_routing(self, adapter_names: Sequence[str | None]) -> "PreparedRouting":
-        """Resolve one name per row (None or ``"__base__"``: the base model) once, for a batch whose
-        rows stay the same over many calls (the engine's decode batch, re-prepared on join/leave).
-        Passing the result as ``adapter_names`` then skips the name lookups in every call."""
-        names = tuple(adapter_names)
+    def prepare_routing(self, rows: Sequence[str | AdapterInfo | None]) -> PreparedRouting:
+        """Resolve one entry per row (a name; a load from ``pin``; None or ``"__base__"``: the base model)
+        once, for a batch whose rows stay the same over many calls (the engine's decode batch, prepared
+        again when a row joins or leaves). Passing the result as ``adapter_names`` skips the lookups in
+        every call; when every adapter row is a pinned load, calls do not pin again either."""
+        rows = tuple(rows)
         with self._lock:
-            slots = self._slots_locked(names)
-            used = set(slots)
-            infos = tuple(i for i in self._infos.values() if i.slot in used)
-            return PreparedRouting(names, BatchMapping(slots, merged=self._merged is not None), infos)
+            mapping, infos = resolve_rows(self._loads, self._merged, rows)
+        return PreparedRouting(rows, mapping, infos, is_held(rows))
 
-    def _slots_locked(self, adapter_names: Sequence[str | None]) -> tuple[int, ...]:
-        slots = tuple(BASE_SLOT if n in (None, BASE_ADAPTER) else self._info(n).slot for n in adapter_names)
-        if self._merged is not None:
-            merged_slot = self._infos[self._merged].slot
-            wrong = sorted({str(n) for n, s in zip(adapter_names, slots) if s != merged_slot})
-            if wrong:
-                raise MergedAdapterError(f"adapter {self._merged!r} is merged into the base weights, so rows cannot use "
-                                         f"{wrong}; call unmerge_adapter() first")
-        return slots
+    def _resolve(self, adapter_names: str | Sequence[str | None] | PreparedRouting | None,
+                 n_rows: int) -> tuple[BatchMapping | None, tuple[int, ...]]:
+        """Rows -> (mapping, the slots pinned for this call: the caller's ``finally`` unpins them).
 
-    def _resolve(self, adapter_names: str | Sequence[str | None] | "PreparedRouting" | None,
-                 n_rows: int) -> BatchMapping | None:
-        """Names -> slots, under the lock, and pin the slots until ``_release`` (the caller's finally).
-
-        A ``PreparedRouting`` is used as it is while the loads it was prepared from are still the
-        loaded ones (identity of their ``AdapterInfo``) and the merge state is unchanged; otherwise
-        its names are resolved afresh, so a stale preparation can never route to the wrong weights.
+        A ``PreparedRouting`` is used as it is while it is current (``routing.py``): a held one pins
+        nothing more; otherwise its rows are resolved afresh, so it never routes to stale weights.
         """
         if isinstance(adapter_names, PreparedRouting):
             prepared = adapter_names
@@ -334,17 +249,16 @@ class MultiLoraModel(nn.Module):
                 raise AdapterNamesError(f"the prepared routing has {prepared.mapping.n_rows} rows but the batch has "
                                         f"{n_rows}; prepare_routing() for this batch")
             with self._lock:
-                if prepared.mapping.merged == (self._merged is not None) and all(
-                        self._infos.get(i.name) is i for i in prepared.infos):
-                    for slot in prepared.mapping.slots:
-                        self._slot_states[slot].inflight += 1
-                    return prepared.mapping
-            adapter_names = list(prepared.names)
+                if prepared.is_current(self._loads, self._merged):
+                    return prepared.mapping, () if prepared.held else self._pin_slots(prepared.mapping.slots)
+                if prepared.held:  # merged or unmerged since (or a load released: resolve_rows says so)
+                    return resolve_rows(self._loads, self._merged, prepared.rows)[0], ()
+            adapter_names = list(prepared.rows)
         if adapter_names is None:
             default = self._context_default.get()
             adapter_names = self._default if default is _UNSET else default
             if adapter_names is None and self._merged is None:
-                return None
+                return None, ()
             adapter_names = adapter_names or self._merged
         if isinstance(adapter_names, str):
             adapter_names = [adapter_names] * n_rows
@@ -354,30 +268,31 @@ class MultiLoraModel(nn.Module):
             raise AdapterNamesError(f"adapter_names has {len(adapter_names)} entries but the batch has {n_rows} rows; "
                                     "pass one adapter name (or '__base__') per row")
         with self._lock:
-            slots = self._slots_locked(adapter_names)
-            for slot in set(slots) - {BASE_SLOT}:
-                self._slot_states[slot].inflight += 1
-        return BatchMapping(slots, merged=self._merged is not None)
+            mapping = resolve_rows(self._loads, self._merged, adapter_names)[0]
+            return mapping, self._pin_slots(mapping.slots)
 
-    def _release(self, mapping: BatchMapping | None) -> None:
-        if mapping is None:
+    def _pin_slots(self, slots: frozenset[int]) -> tuple[int, ...]:
+        for slot in slots:
+            self._loads.pin(slot)
+        return tuple(slots)
+
+    def _release(self, pinned: tuple[int, ...]) -> None:
+        if not pinned:
             return
         with self._lock:
-            for slot in mapping.slots:
-                state = self._slot_states[slot]
-                state.inflight -= 1
-                if state.inflight == 0 and state.retired:
+            for slot in pinned:
+                if self._loads.unpin(slot):
                     self._free(slot)
 
     @contextlib.contextmanager
     def routing(self, adapter_names: str | Sequence[str | None] | None, n_rows: int) -> Iterator[BatchMapping | None]:
         """Run the block with rows routed to ``adapter_names``; for callers that drive the base model directly."""
-        mapping = self._resolve(adapter_names, n_rows)
+        mapping, pinned = self._resolve(adapter_names, n_rows)
         try:
             with use_mapping(mapping):
                 yield mapping
         finally:
-            self._release(mapping)
+            self._release(pinned)
 
     # ------------------------------------------------------------------ running
     @staticmethod
@@ -412,7 +327,7 @@ class MultiLoraModel(nn.Module):
                 return
             if self._merged is not None:
                 raise MergedAdapterError(f"adapter {self._merged!r} is already merged; unmerge_adapter() before merging {name!r}")
-            for module in self._slot_states[info.slot].modules:
+            for module in self._loads.modules(info.slot):
                 wrapper = self._wrappers[module]
                 if isinstance(wrapper, LoraLayer) and wrapper.slots.get(info.slot) is not None:
                     merge_layer(wrapper, wrapper.slots.get(info.slot))
@@ -426,8 +341,8 @@ class MultiLoraModel(nn.Module):
     def _unmerge_locked(self) -> None:
         if self._merged is None:
             return
-        slot = self._infos[self._merged].slot
-        for module in self._slot_states[slot].modules:
+        slot = self._loads.current[self._merged].slot
+        for module in self._loads.modules(slot):
             wrapper = self._wrappers[module]
             if isinstance(wrapper, LoraLayer) and wrapper.slots.get(slot) is not None:
                 unmerge_layer(wrapper, wrapper.slots.get(slot))
@@ -439,20 +354,12 @@ class MultiLoraModel(nn.Module):
             if adapter_name is not None and self._merged != adapter_name:
                 self.unmerge_adapter()
                 self.merge_adapter(adapter_name)
-            slot = self._infos[self._merged].slot if self._merged else None
-            for module, wrapper in self._wrappers.items():
-                parent_name, _, child = module.rpartition(".")
-                parent = self._originals[parent_name] if parent_name else self.base_model
-                copies = wrapper.slots if isinstance(wrapper, ModulesToSaveLayer) else getattr(wrapper, "copies", None)
-                own_copy = copies.get(slot) if copies is not None and slot is not None else None
-                if isinstance(wrapper, ExpertsLayer) and slot is not None:
-                    wrapper.fold(slot)  # experts are never merged in place (rows route per token): fold now
-                setattr(parent, child, own_copy if own_copy is not None else wrapper.base_layer)
-            self._wrappers.clear()
-            self._infos.clear()
-            self._slot_states.clear()
-            self._free_slots.clear()
+            self._wrappers.unwrap_all(self._loads.current[self._merged].slot if self._merged else None)
+            self._loads.clear()
             self._merged = self._default = None
+            # plain nn.Linear, the original norms and SDPA again: the returned model pickles, compiles and is
+            # checked like any transformers model (dense_kernel's classes and attention name exist only after install)
+            dense_kernel.uninstall(self.base_model)
             return self.base_model
 
     # ------------------------------------------------------------------ combining, reporting

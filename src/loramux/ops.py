@@ -120,20 +120,19 @@ def _apply_kernel(y2: torch.Tensor, x2: torch.Tensor, table: SlotTable, mapping:
     if kernel is None:
         return frozenset()
     tokens, ranges = mapping.token_ranges(x2.device, per_row)
-    done, starts, ends, A, B_t = _kernel_args(table, ranges)
+    args = mapping._kernel_args.get(table)
+    if args is None:  # once per layer per mapping: the engine's decode batch keeps one over many steps
+        args = mapping._kernel_args[table] = _kernel_args(table, ranges)
+    done, starts, ends, A, B_t = args
     if done:
         kernel.grouped_lora_add(y2, x2, tokens, starts, ends, A, B_t)
     return done
 
 
 def _kernel_args(table: SlotTable, ranges: tuple[tuple[int, int, int], ...]) -> tuple:
-    """(slots, starts, ends, A list, B_t list) of the kernel-ready groups in ``ranges``; cached on the
-    table while the batch's groups and the table are unchanged (consecutive decode steps), because
-    building them costs more Python time per layer than the kernel spends on a rank-8 group."""
-    key = (ranges, table.version)
-    cached = table.kernel_cache
-    if cached is not None and cached[0] == key:
-        return cached[1]
+    """(slots, starts, ends, A list, B_t list) of the kernel-ready groups in ``ranges``; kept on the
+    batch's mapping (consecutive decode steps reuse it), because building them costs more Python
+    time per layer than the kernel spends on a rank-8 group."""
     slots, starts, ends, A, B_t = [], [], [], [], []
     for slot, start, end in ranges:
         w = table.get(slot)
@@ -143,6 +142,4 @@ def _kernel_args(table: SlotTable, ranges: tuple[tuple[int, int, int], ...]) -> 
             ends.append(end)
             A.append(w.A)      # (r, d_in)
             B_t.append(w.B_t)  # (r, d_out), pre-scaled
-    args = (frozenset(slots), starts, ends, A, B_t)
-    table.kernel_cache = (key, args)
-    return args
+    return frozenset(slots), starts, ends, A, B_t

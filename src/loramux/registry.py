@@ -34,6 +34,7 @@ class AdapterRegistry:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._paths: dict[str, Path] = {}
+        self._runtime: set[str] = set()  # names registered with runtime=True (the server's HTTP API)
         self._roots: list[Path] = []
         self._listeners: list[Callable[[str], None]] = []
 
@@ -45,14 +46,18 @@ class AdapterRegistry:
         for callback in list(self._listeners):
             callback(name)
 
-    def register(self, name: str, path: str | os.PathLike) -> None:
-        """Know ``name`` as the adapter in ``path`` (not read now; an existing name is re-pointed)."""
+    def register(self, name: str, path: str | os.PathLike, *, runtime: bool = False) -> None:
+        """Know ``name`` as the adapter in ``path`` (not read now; an existing name is re-pointed and
+        keeps how it was first registered). ``runtime``: registered while serving (the server's
+        ``/v1/load_lora_adapter``), so it may be unloaded the same way (``is_runtime``)."""
         path = Path(path)
         if not (path / _CONFIG).is_file():
             raise AdapterNotFoundError(f"{path / _CONFIG}: missing; register a PEFT adapter directory")
         with self._lock:
             old = self._paths.get(check_name(name))
             self._paths[name] = path
+            if runtime and old is None:
+                self._runtime.add(name)
         if old is not None and old != path:
             self._changed(name)
 
@@ -67,7 +72,13 @@ class AdapterRegistry:
         with self._lock:
             if self._paths.pop(name, None) is None:
                 raise UnknownAdapterError(f"adapter {name!r} is not registered by name")
+            self._runtime.discard(name)
         self._changed(name)
+
+    def is_runtime(self, name: str) -> bool:
+        """Whether ``name`` was registered with ``runtime=True`` (and is still registered)."""
+        with self._lock:
+            return name in self._runtime
 
     def add_root(self, root: str | os.PathLike) -> int:
         """Serve every sub-directory of ``root`` that holds an adapter, under its directory name.

@@ -61,8 +61,6 @@ class SlotTable:
     def __init__(self) -> None:
         self.entries: list[object | None] = []
         self.count = 0    # occupied slots: a layer with none skips all routing work
-        self.version = 0  # bumped on every change: derived caches (ops._kernel_args) compare it
-        self.kernel_cache: tuple | None = None  # ops._kernel_args: ((groups, version), args)
 
     def get(self, slot: int) -> object | None:
         return self.entries[slot] if 0 <= slot < len(self.entries) else None
@@ -73,15 +71,11 @@ class SlotTable:
         if self.entries[slot] is None:
             self.count += 1
         self.entries[slot] = entry
-        self.version += 1
-        self.kernel_cache = None  # it may hold the replaced weights
 
     def clear(self, slot: int) -> None:
         if self.get(slot) is not None:
             self.entries[slot] = None
             self.count -= 1
-            self.version += 1
-            self.kernel_cache = None  # release the references to freed weights at once
 
     def occupied(self) -> list[int]:
         return [slot for slot, entry in enumerate(self.entries) if entry is not None]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 from engine_helpers import run_all, step_until, wait_for_progress
 from loramux.engine import Engine, SamplingParams
@@ -75,7 +76,7 @@ def test_eviction_never_touches_an_adapter_in_use(llama_model, registry):
                for i in range(16)]
 
     def check() -> bool:
-        for req in engine.scheduler.running:
+        for req in engine.running_requests():
             assert req.adapter in llama_model.adapters
             assert engine.cache.pins(req.adapter) > 0
         adapters = [r.adapter for r in engine.batch.rows]  # decode rows stay grouped by adapter
@@ -86,3 +87,38 @@ def test_eviction_never_touches_an_adapter_in_use(llama_model, registry):
     step_until(engine, check, "every request finishing")
     assert all(h.result().finish_reason in ("stop", "length") for h in handles)
     assert engine.stats()["evictions"] >= 3
+
+
+def test_a_reload_serves_new_requests_at_once_while_running_ones_finish_on_the_old_weights(
+        llama_model, registry, llama_adapters):
+    """Re-pointing a name (the server's ``load_inplace``) retires its load: the request running on it
+    keeps the old weights to its last token, a new request for the name gets the new weights without
+    waiting for it, and both decode in one batch (one name, two loads, two slots)."""
+    from engine_helpers import GUARD_S, solo_greedy, tiny_llama
+    from loramux import MultiLoraModel
+
+    prompt = [3, 4, 5]
+    oracle = MultiLoraModel(tiny_llama())
+    oracle.load_adapter(llama_adapters["a"], adapter_name="old")
+    oracle.load_adapter(llama_adapters["b"], adapter_name="new")
+    expected_old, expected_new = solo_greedy(oracle, prompt, "old", 12), solo_greedy(oracle, prompt, "new", 4)
+    assert expected_old[:4] != expected_new
+
+    engine = Engine(llama_model, registry=registry)
+    running = engine.submit(prompt, "a", SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
+    step_until(engine, lambda: engine.batch and len(engine.batch.rows[0].output_ids) >= 2, "two tokens")
+    old_load = llama_model.adapters["a"]
+    registry.register("a", llama_adapters["b"])  # new files under the same name
+    assert "a" not in llama_model.adapters and llama_model.retired_loads() == [old_load]
+    fresh = engine.submit(prompt, "a", SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+    engine.step()  # starts the load of the new files (and decodes one more token of the running request)
+    deadline = time.monotonic() + GUARD_S
+    while not engine.cache.is_resident("a"):  # no stepping while it loads: the running request cannot get ahead
+        assert time.monotonic() < deadline, "the new files never loaded"
+        wait_for_progress(engine)  # woken when the load ends
+    assert not running.finished
+    step_until(engine, lambda: any(r.req.handle is fresh for r in engine.batch.rows), "the new request decoding")
+    loads = {id(r.load): r.adapter for r in engine.batch.rows}
+    assert len(loads) == 2 and set(loads.values()) == {"a"}  # old and new weights side by side
+    assert [r.token_ids for r in run_all(engine, [running, fresh])] == [expected_old, expected_new]
+    assert llama_model.retired_loads() == [] and llama_model.pins(llama_model.adapters["a"]) == 0

@@ -51,7 +51,7 @@ def test_queue_longer_than_the_batch_limit_drains_within_limits(llama_model, reg
 
     def check() -> bool:
         nonlocal peak_running, peak_kv
-        peak_running = max(peak_running, len(engine.scheduler.running))
+        peak_running = max(peak_running, len(engine.running_requests()))
         peak_kv = max(peak_kv, engine.scheduler.kv_reserved)
         assert engine.stats()["resident_adapters"] <= 1
         return all(h.finished for h in handles)

@@ -6,18 +6,19 @@ import pytest
 from loramux.cache import AdapterState, CacheView, RecordView
 from loramux.engine.policy import LoadStatus, demand, drain_choice, load_decision, victims
 
-R, L, X = AdapterState.RESIDENT, AdapterState.LOADING, AdapterState.RETIRING
+R, L = AdapterState.RESIDENT, AdapterState.LOADING
 
 
-def view(*records, max_loaded=3, max_bytes=None, loads=1):
-    """records: (name, state, pins, tick[, nbytes[, permanent]])."""
+def view(*records, max_loaded=3, max_bytes=None, loads=1, retired=()):
+    """records: (name, state, pins, tick[, nbytes[, permanent]]); retired: bytes of loads no longer
+    served but still pinned."""
     out = []
     for rec in records:
         name, state, pins, tick, *rest = rec
         nbytes = rest[0] if rest else 10
         permanent = rest[1] if len(rest) > 1 else False
-        out.append(RecordView(name, state, nbytes, pins, tick, permanent, loaded=state is not L))
-    return CacheView(tuple(out), max_loaded, max_bytes, loads)
+        out.append(RecordView(name, state, nbytes, pins, tick, permanent))
+    return CacheView(tuple(out), max_loaded, max_bytes, loads, tuple(retired))
 
 
 VICTIMS = [
@@ -45,11 +46,21 @@ def test_victims_by_bytes():
     assert victims(v, 20, set()) == [] and victims(v, 30, set()) == ["a"] and victims(v, 70, set()) == ["a", "b"]
 
 
+def test_retired_loads_still_pinned_count_against_both_limits():
+    """A reloaded or unregistered adapter's old weights stay until their requests finish: they take
+    room (a count and bytes) that no eviction can give back."""
+    assert victims(view(("a", R, 0, 1), ("b", R, 0, 2), retired=(10,)), 10) == ["a"]
+    assert victims(view(("a", R, 1, 1), ("b", R, 1, 2), retired=(10,)), 10) is None
+    v = view(("a", R, 0, 1, 40), max_loaded=None, max_bytes=100, retired=(50,))
+    assert victims(v, 10, set()) == [] and victims(v, 20, set()) == ["a"] and victims(v, 60, set()) is None
+    # not NEVER_FITS: the retired load leaves when its requests end
+    assert load_decision(view(max_loaded=1, retired=(10,)), "a", 10).status is LoadStatus.FULL
+
+
 DECISIONS = [
     # (records, name, need, force, kwargs, expected status, expected victims)
     ([("a", R, 0, 1)], "a", 10, False, {}, LoadStatus.RESIDENT, ()),
     ([("a", L, 0, 1)], "a", 10, False, {}, LoadStatus.LOADING, ()),
-    ([("a", X, 1, 1)], "a", 10, False, {}, LoadStatus.RETIRING, ()),            # old copy still in use
     ([("z", L, 0, 1)], "a", 10, False, {}, LoadStatus.BUSY, ()),                # one load at a time
     ([("z", L, 0, 1)], "a", 10, False, {"loads": 2}, LoadStatus.START, ()),
     ([("a", R, 0, 1), ("b", R, 0, 2), ("c", R, 0, 3)], "d", 10, False, {}, LoadStatus.START, ("a",)),

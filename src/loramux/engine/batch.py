@@ -16,10 +16,11 @@ from loramux.engine import kv as kvops
 
 
 class DecodeBatch:
-    """Rows of the running batch. ``prepare(adapters)`` turns the row adapters (None = base) into the
-    routing handed to the model's forward (``routing``), rebuilt whenever the rows change."""
+    """Rows of the running batch. ``prepare(loads)`` turns the rows' adapter loads (pinned by their
+    requests; None = base) into the routing handed to the model's forward (``routing``: slots, no
+    names), rebuilt whenever the rows change."""
 
-    def __init__(self, prepare: Callable[[list[str | None]], Any]) -> None:
+    def __init__(self, prepare: Callable[[list[Any]], Any]) -> None:
         self._prepare = prepare
         self.rows: list[Any] = []  # row order == KV row order
         self.kv: kvops.RowsKV | None = None
@@ -61,4 +62,4 @@ class DecodeBatch:
         return last, pos
 
     def _reroute(self) -> None:
-        self.routing = self._prepare([s.adapter for s in self.rows]) if self.rows else None
+        self.routing = self._prepare([s.load for s in self.rows]) if self.rows else None

@@ -89,6 +89,10 @@ class Engine:
         """The decode batch (``batch.DecodeBatch``): rows, their KV and routing. Engine thread only."""
         return self._stepper.batch
 
+    def running_requests(self) -> list[Request]:
+        """The admitted requests, prefilling or decoding (introspection; engine thread only)."""
+        return self._stepper.requests()
+
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> "Engine":
         """Run the step loop on a background thread (idempotent).
@@ -141,7 +145,7 @@ class Engine:
             self._wake.notify_all()
 
     def _has_work(self) -> bool:
-        return bool(self._inbox or self._cancels or self.scheduler.waiting or self.scheduler.running)
+        return bool(self._inbox or self._cancels or self.scheduler.waiting or self.scheduler.admitted)
 
     def _loop(self) -> None:
         while True:
@@ -233,7 +237,7 @@ class Engine:
         """Counters for metrics: adapter cache, queue, batch and token totals."""
         with self._wake:
             waiting = len(self.scheduler.waiting) + len(self._inbox)
-        return {**self.cache.stats(), **self.counters, **self.prefix_cache.stats(), "running": len(self.scheduler.running),
+        return {**self.cache.stats(), **self.counters, **self.prefix_cache.stats(), "running": self.scheduler.admitted,
                 "running_sequences": self.scheduler.rows, "waiting": waiting,
                 "kv_tokens_reserved": self.scheduler.kv_reserved, "kv_bytes": self.batch.nbytes()}
 
@@ -263,8 +267,9 @@ class Engine:
                 logger.exception("engine step failed; failing the requests it held")
                 failure = Failure(FailureKind.MODEL_ERROR, describe(exc))
                 self._stepper.fail_everything(failure)
-                for req in list(self.scheduler.running):
-                    self._stepper.end(req, "error", failure)
+                for req in list(self._handles.values()):  # admitted but not yet handed to the stepper
+                    if req.admitted:
+                        self._stepper.end(req, "error", failure)
                 return True
 
     def _step(self) -> bool:
@@ -304,22 +309,21 @@ class Engine:
 
     def _retire(self, req: Request) -> None:
         """Every sequence of ``req`` has ended: free its place, KV reservation and adapter pin."""
-        if req in self.scheduler.running:
-            self.scheduler.finish(req)
+        self.scheduler.finish(req)
         with self._wake:
             self._handles.pop(req.request_id, None)
         self.counters["finished"] += 1
 
-    def _prepare(self, adapters: list[str | None]) -> Any:
-        """The routing of a forward over rows with these adapters (None = base, the engine's only base
-        sentinel): resolved to slots once (``MultiLoraModel.prepare_routing``), when the decode batch
-        changes, not in every step; a model without it gets the names."""
-        prepare = getattr(self.model, "prepare_routing", None)
-        return prepare(adapters) if prepare is not None else [a or BASE_ADAPTER for a in adapters]
+    def _prepare(self, loads: list[Any]) -> Any:
+        """The routing of a forward over rows with these adapter loads (the requests' pinned
+        ``AdapterInfo`` objects; None = base, the engine's only base sentinel): slots resolved once
+        (``MultiLoraModel.prepare_routing``) when the decode batch changes, not in every step, and
+        used by the model without pinning again (the requests hold the pins)."""
+        return self.model.prepare_routing(loads)
 
-    def _owner(self, adapter: str | None) -> Any:
-        """The prefix-cache owner of ``adapter``'s current load: the model's ``AdapterInfo`` object
-        (a new one on every load or reload), or the base model's sentinel; None = do not cache."""
+    def _owner(self, req: Request) -> Any:
+        """The prefix-cache owner of ``req``'s adapter load: the model's ``AdapterInfo`` object (a new
+        one on every load or reload), or the base model's sentinel; None = do not cache."""
         if not self.prefix_cache.enabled:
             return None
         merged = getattr(self.model, "merged_adapter", None)
@@ -327,10 +331,7 @@ class Engine:
             self._merged_seen, self._base_owner = merged, object()
         if merged is not None:
             return None
-        if adapter is None:
-            return self._base_owner
-        adapters = getattr(self.model, "adapters", None)
-        return adapters.get(adapter) if adapters is not None else None
+        return self._base_owner if req.load is None else req.load
 
     def _forward(self, kv: kvops.RowsKV, input_ids: torch.Tensor, position_ids: torch.Tensor, routing: Any,
                  all_logits: bool = False) -> torch.Tensor:

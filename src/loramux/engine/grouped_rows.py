@@ -14,10 +14,11 @@ from loramux.engine import kv as kvops
 
 
 def blocks(rows: list[Any]) -> list[tuple[int, int]]:
-    """(start, end) of each run of rows with the same adapter, in row order."""
+    """(start, end) of each run of rows with the same adapter load, in row order (two loads of one name,
+    old and new weights after a reload, are two blocks: they route to two slots)."""
     out, start = [], 0
     for i in range(1, len(rows) + 1):
-        if i == len(rows) or rows[i].adapter != rows[start].adapter:
+        if i == len(rows) or rows[i].load is not rows[start].load:
             out.append((start, i))
             start = i
     return out
@@ -36,7 +37,7 @@ def append(rows: list[Any], kv: kvops.RowsKV, req: Any, part: kvops.RowsKV) -> N
     kv.add(part)
     rows.append(req)
     last, spans = len(rows) - 1, blocks(rows)
-    home = [end for start, end in spans[:-1] if rows[start].adapter == req.adapter]
+    home = [end for start, end in spans[:-1] if rows[start].load is req.load]
     if not home:
         return
     # each later block's first row moves to just after that block's end; the newcomer to `home`

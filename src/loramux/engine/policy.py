@@ -20,7 +20,6 @@ class LoadStatus(str, enum.Enum):
     RESIDENT = "resident"      # already servable
     LOADING = "loading"        # a load is in flight (or START: begin one now, with these victims)
     START = "start"
-    RETIRING = "retiring"      # the old copy is still in use and leaves once unpinned; load after
     BUSY = "busy"              # the loader is saturated; later names would be refused too
     FULL = "full"              # no room until pinned adapters are released (rotation may drain one)
     TOO_BIG = "too_big"        # can never fit max_bytes
@@ -57,9 +56,9 @@ def victims(view: CacheView, need: int, protected: frozenset[str] | set[str] = f
             keep: frozenset[str] | set[str] = frozenset()) -> list[str] | None:
     """Unpinned resident adapters to evict, least recently used first, so that one more adapter of
     ``need`` bytes fits; None if impossible now. ``protected`` ones are taken only with ``force``, and
-    ``keep`` ones never."""
-    count = len(view.records)
-    used = sum(r.nbytes for r in view.records)
+    ``keep`` ones never. Retired loads still pinned count as used until they leave."""
+    count = len(view.records) + len(view.retired)
+    used = sum(r.nbytes for r in view.records) + sum(view.retired)
     candidates = sorted((r.tick, r.name) for r in view.records
                         if r.state is AdapterState.RESIDENT and r.pins == 0 and not r.permanent)
     order = [n for _, n in candidates if n not in protected]
@@ -84,7 +83,7 @@ def load_decision(view: CacheView, name: str, need: int, protected: frozenset[st
     """Whether to begin loading ``name`` (``need`` bytes) now, and in place of whom."""
     record = view.get(name)
     if record is not None:
-        return Decision(LoadStatus(record.state.value))  # resident, loading or retiring
+        return Decision(LoadStatus(record.state.value))  # resident or loading
     if view.loads_in_flight >= view.max_concurrent_loads:
         return Decision(LoadStatus.BUSY)
     if view.max_bytes is not None and need > view.max_bytes:
@@ -93,7 +92,7 @@ def load_decision(view: CacheView, name: str, need: int, protected: frozenset[st
     chosen = victims(view, need, protected, force, keep)
     if chosen is not None:
         return Decision(LoadStatus.START, tuple(chosen))
-    busy = any(r.pins or r.state is not AdapterState.RESIDENT for r in view.records)
+    busy = bool(view.retired) or any(r.pins or r.state is not AdapterState.RESIDENT for r in view.records)
     if not busy and victims(view, need, frozenset(), True) is None:
         return Decision(LoadStatus.NEVER_FITS, reason=(
             f"adapter {name!r} cannot be loaded: the resident adapters that cannot be evicted (loaded outside the "

@@ -304,10 +304,12 @@ class Request:
     prefilled: int = 0  # prompt tokens already in the KV cache (chunked prefill, or a prefix-cache hit)
     counted: bool = False  # cache hit/miss already counted for this request
     kv_part: object | None = None  # RowsKV of this request alone while its prompt is prefilled
-    owner: object | None = None  # the prefix-cache owner (the adapter load's AdapterInfo), set at admission
+    load: object | None = None  # the adapter's load (the model's AdapterInfo), pinned from admission to the end
+    owner: object | None = None  # the prefix-cache owner (its load, or the base model's sentinel), set at admission
     cached_tokens: int = 0  # prompt tokens taken from the prefix cache
     prompt_logprobs: list | None = None  # filled during prefill when asked
     seqs: list["Sequence"] = field(default_factory=list)
+    admitted: bool = False  # holds its place, KV reservation and adapter pin (until Scheduler.finish)
     done: bool = False
 
     @property
@@ -340,6 +342,10 @@ class Sequence:
     @property
     def adapter(self) -> str | None:
         return self.req.adapter
+
+    @property
+    def load(self) -> object | None:
+        return self.req.load
 
     @property
     def params(self) -> SamplingParams:

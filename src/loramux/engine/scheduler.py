@@ -49,10 +49,10 @@ class Scheduler:
             raise ValueError(f"max_waiting must be >= 1, got {max_waiting}")
         self.cache = cache
         self.max_running, self.max_kv_tokens, self.max_waiting = max_running, max_kv_tokens, max_waiting
-        self.waiting: list[Request] = []  # arrival order
-        self.running: list[Request] = []  # admitted: prefilling or decoding
-        self.kv_reserved = 0
-        self.rows = 0  # decode rows the running requests use (n each)
+        self.waiting: list[Request] = []  # arrival order; admitted ones are the stepper's (prefilling or decoding)
+        self.admitted = 0  # requests admitted and not finished
+        self.kv_reserved = 0  # their KV reservations
+        self.rows = 0  # decode rows they use (n each)
         self.draining: set[str] = set()
         self._exchange_for: str | None = None
 
@@ -65,11 +65,15 @@ class Scheduler:
         self.waiting.remove(req)
 
     def finish(self, req: Request) -> None:
-        """A running request left (finished, cancelled, failed): free its slot, KV and pin."""
-        self.running.remove(req)
+        """An admitted request left (finished, cancelled, failed): free its place, KV and pin."""
+        if not req.admitted:
+            return
+        req.admitted = False
+        self.admitted -= 1
         self.kv_reserved -= req.kv_reserved
         self.rows -= req.n
-        self.cache.release(req.adapter)
+        if req.load is not None:
+            self.cache.release(req.load)
 
     def schedule(self) -> tuple[list[Request], list[tuple[Request, BaseException]]]:
         """Admit what fits and start loads; returns (admitted requests, failed requests with their error)."""
@@ -86,10 +90,13 @@ class Scheduler:
             if self.rows + req.n > self.max_running or self.kv_reserved + req.kv_reserved > self.max_kv_tokens:
                 blocked = True  # rule 1: nobody overtakes this one
                 continue
-            if not self.cache.acquire(req.adapter):  # unregistered a moment ago
-                continue
+            if req.adapter is not None:
+                req.load = self.cache.acquire(req.adapter)
+                if req.load is None:  # unregistered a moment ago
+                    continue
             self.waiting.remove(req)
-            self.running.append(req)
+            req.admitted = True
+            self.admitted += 1
             self.kv_reserved += req.kv_reserved
             self.rows += req.n
             admitted.append(req)
@@ -130,7 +137,7 @@ class Scheduler:
                 view = self.cache.snapshot()
             if status is LoadStatus.FULL and name == head:
                 self._drain_for(name, view, protected, ahead)
-            elif status in (LoadStatus.LOADING, LoadStatus.RESIDENT, LoadStatus.RETIRING) and name == head:
+            elif status in (LoadStatus.LOADING, LoadStatus.RESIDENT) and name == head:
                 self.draining.clear()
                 self._exchange_for = None
             if status is LoadStatus.BUSY:  # the loader is saturated; later names would be refused too

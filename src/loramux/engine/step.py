@@ -42,12 +42,12 @@ class Stepper:
     """The step loop's state and work; see the module docstring. Engine thread only.
 
     ``forward(kv, input_ids, position_ids, routing, all_logits)`` runs the model; ``prepare`` turns
-    row adapters into that routing; ``owner(adapter)`` is the prefix-cache owner of an adapter's
-    current load; ``retire(req)`` is called once when a request has ended (every sequence finished).
+    the rows' adapter loads (``Request.load``, pinned) into that routing; ``owner(req)`` is the
+    prefix-cache owner of its load; ``retire(req)`` is called once when a request has ended.
     """
 
     def __init__(self, *, scheduler: Any, tokenizer: Any, device: torch.device, forward: Callable[..., torch.Tensor],
-                 prepare: Callable[[list[str | None]], Any], owner: Callable[[str | None], Any],
+                 prepare: Callable[[list[Any]], Any], owner: Callable[[Request], Any],
                  retire: Callable[[Request], None], prefix_cache: PrefixCache, prefill_chunk: int,
                  counters: dict[str, Any]) -> None:
         self.scheduler, self.tokenizer = scheduler, tokenizer
@@ -60,10 +60,14 @@ class Stepper:
     def has_work(self) -> bool:
         return bool(self.prefilling or self.batch)
 
+    def requests(self) -> list[Request]:
+        """The admitted requests: prefilling here, or with rows in the decode batch (each in one place)."""
+        return [*self.prefilling, *{id(s.req): s.req for s in self.batch.rows}.values()]
+
     # ------------------------------------------------------------------ admission, prefill
     def admit(self, req: Request) -> None:
         """A request the scheduler admitted: take what the prefix cache has of its prompt, queue its prefill."""
-        req.owner = self._owner(req.adapter)
+        req.owner = self._owner(req)
         if req.params.prompt_logprobs is None:  # those need the logits of every prompt position
             hit = self.prefix_cache.lookup(req.owner, req.prompt_ids)
             if hit is not None:
@@ -101,7 +105,7 @@ class Stepper:
         chunk = torch.tensor([req.prompt_ids[start: start + n]], device=device)  # (1, n)
         pos = torch.arange(start, start + n, device=device).unsqueeze(0)  # (1, n)
         k = req.params.prompt_logprobs
-        logits = self._forward(req.kv_part, chunk, pos, self._prepare([req.adapter]), all_logits=k is not None)
+        logits = self._forward(req.kv_part, chunk, pos, self._prepare([req.load]), all_logits=k is not None)
         if k is not None:  # logits: (1, n, V); position j predicts prompt token start + j + 1
             if req.prompt_logprobs is None:
                 req.prompt_logprobs = [None]  # the first prompt token has no logprob
@@ -246,7 +250,7 @@ class Stepper:
 
     def fail_everything(self, failure: Failure) -> list[Request]:
         """After an unexpected error in the step's own bookkeeping: end every request held here."""
-        reqs = list(self.prefilling) + list({id(s.req): s.req for s in self.batch.rows}.values())
+        reqs = self.requests()
         for req in reqs:
             self.end(req, "error", failure)
         self.prefilling = []

@@ -68,9 +68,7 @@ class ServerState:
         """An engine failure reported on a request's output, by its typed kind."""
         failure = getattr(out, "failure", None)
         message = str(failure.message if failure is not None else (out.error or "the engine failed this request"))
-        kind = getattr(getattr(failure, "kind", None), "value", None)
-        if kind is None and call.adapter is not None and self.catalog.load_failed(call.adapter, message):
-            kind = "adapter_load_failed"  # an engine without typed failures
+        kind = failure.kind.value if failure is not None else None
         if kind == "adapter_load_failed":  # the adapter cache logged its one line already
             return APIError(400, f"adapter {call.adapter!r} could not be loaded: {message}", param="model",
                             code="adapter_load_failed", logged=True)

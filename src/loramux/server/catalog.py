@@ -1,9 +1,11 @@
 """What ``model`` names the server knows, and runtime load/unload, on top of the engine's registry.
 
-The registry (``loramux.cache.AdapterRegistry``) is the single source of truth: a name is served
-if and only if the registry knows it (registered, or a sub-directory of an adapter root). This module adds only what HTTP needs: model cards for ``/v1/models``, and runtime
-loading that validates the adapter *before* announcing it, so a corrupt file is a 400 on
-``/v1/load_lora_adapter`` instead of a failure on some later completion.
+The registry (``loramux.registry.AdapterRegistry``) is the single source of truth: a name is served
+if and only if the registry knows it (registered, or a sub-directory of an adapter root), and it
+remembers which names came through the HTTP API (``is_runtime``: only those can be unloaded). This
+module adds only what HTTP needs: model cards for ``/v1/models``, and runtime loading that validates
+the adapter *before* announcing it, so a corrupt file is a 400 on ``/v1/load_lora_adapter`` instead
+of a failure on some later completion.
 """
 from __future__ import annotations
 
@@ -28,15 +30,14 @@ class Catalog:
             raise ValueError("the engine exposes no adapter registry; pass registry= to create_app")
         self.created = int(time.time())
         self._lock = threading.Lock()  # serialises runtime load/unload against each other
-        self._runtime: set[str] = set()  # names registered through the HTTP API
 
     # -- queries --------------------------------------------------------------------------------
     def adapter_names(self) -> list[str]:
         return [name for name in self.registry.names() if name != self.config.base_name]
 
     def has(self, name: str) -> bool:
-        """Served names are the registry's: an unloaded adapter whose weights are still resident
-        (until the engine's cache evicts them) is not served any more."""
+        """Served names are the registry's: an unloaded adapter is not served any more, even while
+        requests that started on it still run on its weights."""
         if name == self.config.base_name:
             return False
         try:
@@ -60,18 +61,6 @@ class Catalog:
         cards += [_card(name, self.path_of(name), base, self.created) for name in self.adapter_names()]
         return cards
 
-    def load_failed(self, adapter: str, error: str) -> bool:
-        """Whether an engine error on a request for ``adapter`` came from loading that adapter.
-
-        The engine reports a failed load as ``"<ExceptionType>: <message>"`` on the request's
-        output; loader failures are ``loramux.errors.AdapterError`` subclasses or file errors.
-        """
-        from .. import errors
-
-        kind = error.split(":", 1)[0].strip()
-        loader_kinds = {c.__name__ for c in vars(errors).values() if isinstance(c, type) and issubclass(c, errors.AdapterError)}
-        return kind in loader_kinds | {"FileNotFoundError", "OSError", "SafetensorError", "HeaderTooLarge"}
-
     # -- runtime loading --------------------------------------------------------------------------
     async def load(self, name: str, real_path: str, inplace: bool = False) -> None:
         """Validate the adapter at ``real_path`` fully (off the event loop), then register it.
@@ -87,29 +76,16 @@ class Catalog:
             if exists and not inplace:
                 raise APIError(400, f"adapter {name!r} is already loaded; unload it first, pass load_inplace: true "
                                "to swap its weights, or choose another name", param="lora_name", code="adapter_exists")
-            if not exists and self._still_resident(name):
-                raise APIError(409, f"adapter {name!r} was unloaded but its old weights are still resident until the "
-                               "cache evicts them; load it under another name", param="lora_name",
-                               code="adapter_still_resident")
             self._validate(real_path)
             try:
                 same_path = exists and self.path_of(name) == real_path
-                self.registry.register(name, real_path)
+                self.registry.register(name, real_path, runtime=not exists)
                 if same_path:  # same directory, new files: the resident copy is stale all the same
                     self.registry.reload(name)
             except Exception as exc:
                 raise APIError(400, f"cannot register adapter {name!r}: {exc}", param="lora_name",
                                code="invalid_adapter") from None
-            if not exists:
-                self._runtime.add(name)
             logger.info("runtime-%s adapter %s from %s", "reloaded" if exists else "loaded", name, real_path)
-
-    def _still_resident(self, name: str) -> bool:
-        cache = getattr(self.engine, "cache", None)
-        try:
-            return bool(cache is not None and (cache.is_resident(name) or cache.is_loading(name)))
-        except Exception:
-            return False
 
     def _validate(self, real_path: str) -> None:
         """What the engine's first use would check: the files, and (with a real model) the shapes
@@ -140,12 +116,11 @@ class Catalog:
             if not self.has(name):
                 raise APIError(404, f"adapter {name!r} is not loaded; loaded: {', '.join(self.adapter_names()) or 'none'}",
                                param="lora_name", code="model_not_found")
-            if name not in self._runtime:
+            if not self.registry.is_runtime(name):
                 raise APIError(400, f"adapter {name!r} was not loaded at runtime (it comes from --adapter or an "
                                "adapter root); restart the server without it to stop serving it",
                                param="lora_name", code="not_runtime_loaded")
             self.registry.unregister(name)
-            self._runtime.discard(name)
             logger.info("runtime-unloaded adapter %s", name)
 
 
