@@ -31,6 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target-adapter", type=float, default=0.90)
     parser.add_argument("--target-base", type=float, default=0.10)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--base-dtype", default=None, choices=["float32", "int8"],
+                        help="int8: weight-only int8 base (per-channel scales), the quality gate of loramux.quantize")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -54,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
         adapters = bundled_adapters(args.adapter_dir)
         tasks = [get_task(t) for t in (args.tasks or TASKS)]
         progress.update(step, description="loading the base model")
-        hf_model, tokenizer = load_base(args.base)
+        hf_model, tokenizer = load_base(args.base, dtype=args.base_dtype)
         model = MultiLoraModel(hf_model)
         progress.update(step, description="loading adapters", total=len(adapters), completed=0)
         load_adapters(model, adapters, on_adapter=lambda name: progress.advance(step))
