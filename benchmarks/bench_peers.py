@@ -18,6 +18,7 @@ Not part of CI: the first run builds llama.cpp (~15 min on 2 cores), cached afte
     .venv/bin/python benchmarks/bench_peers.py                  # build if needed, 3 rounds, write BENCHMARKS.md
     .venv/bin/python benchmarks/bench_peers.py --rounds 1 --no-write
     .venv/bin/python benchmarks/bench_peers.py --build-only
+    .venv/bin/python benchmarks/bench_peers.py --smoke          # 1 round of a few 16-token requests, prints only
 """
 from __future__ import annotations
 
@@ -85,16 +86,22 @@ def convert(src: Path, root: Path) -> tuple[Path, dict[str, Path], Path]:
     q4_1 = default_gguf_path()
     hf_dir = _cached_gguf(q4_1, progress=False)  # loramux's safetensors copy of the default base
     base = root / "smollm2-135m-f32.gguf"
-    if not base.is_file():
-        run([sys.executable, src / "convert_hf_to_gguf.py", hf_dir, "--outtype", "f32", "--outfile", base])
+    if not base.is_file():  # written under a temporary name: a failed conversion leaves no file that looks done
+        run([sys.executable, src / "convert_hf_to_gguf.py", hf_dir, "--outtype", "f32", "--outfile", _partial(base)])
+        _partial(base).rename(base)
     adapters = {}
     for name in ADAPTERS:
         out = root / f"lora-{name}-f32.gguf"
         if not out.is_file():
-            run([sys.executable, src / "convert_lora_to_gguf.py", "--base", hf_dir, "--outtype", "f32", "--outfile", out,
-                 ROOT / "src" / "loramux" / "adapters" / name])
+            run([sys.executable, src / "convert_lora_to_gguf.py", "--base", hf_dir, "--outtype", "f32", "--outfile",
+                 _partial(out), ROOT / "src" / "loramux" / "adapters" / name])
+            _partial(out).rename(out)
         adapters[name] = out
     return base, adapters, q4_1
+
+
+def _partial(path: Path) -> Path:
+    return path.with_name(path.name + ".partial")
 
 
 # ---------------------------------------------------------------------------- servers
@@ -177,9 +184,12 @@ SCENARIOS = {"16 clients, 4 adapters mixed": (16, 2, ADAPTERS), "16 clients, bas
              "1 client": (1, 4, [None])}
 
 
-def bench(servers: dict, rounds: int) -> dict:
+SMOKE = {"4 clients, 4 adapters mixed": (4, 1, ADAPTERS), "4 clients, base only": (4, 1, [None]), "1 client": (1, 1, [None])}
+
+
+def bench(servers: dict, rounds: int, scenarios: dict = SCENARIOS, tokens: int = 64) -> dict:
     """tok/s per (server label, scenario), median over rounds; the order of servers alternates per round."""
-    results: dict = {label: {s: [] for s in SCENARIOS} for label in servers}
+    results: dict = {label: {s: [] for s in scenarios} for label in servers}
     labels = list(servers)
     for r in range(rounds):
         order = labels if r % 2 == 0 else labels[::-1]
@@ -187,8 +197,8 @@ def bench(servers: dict, rounds: int) -> dict:
             kind, make = servers[label]
             with make() as server:
                 drive(kind, server.port, 2, 1, [None], tokens=16)  # warm-up
-                for scenario, (clients, per_client, adapters) in SCENARIOS.items():
-                    tps = drive(kind, server.port, clients, per_client, adapters)
+                for scenario, (clients, per_client, adapters) in scenarios.items():
+                    tps = drive(kind, server.port, clients, per_client, adapters, tokens)
                     results[label][scenario].append(tps)
                     print(f"round {r + 1} {label:22s} {scenario:30s} {tps:6.1f} tok/s", flush=True)
     return results
@@ -200,7 +210,7 @@ def markdown(results: dict, rounds: int, load: tuple[float, float]) -> str:
            f"llama.cpp vendored in llama-cpp-python {LLAMA_CPP_PYTHON}; {THREADS} threads each, 16 parallel slots; "
            f"completions of 64 tokens (ignore_eos, temperature 0); medians of {rounds} alternating rounds (tok/s); "
            f"1-min load average {load[0]:.1f} at start, {load[1]:.1f} at end.", "",
-           "| server | " + " | ".join(SCENARIOS) + " |", "|---" * (len(SCENARIOS) + 1) + "|"]
+           "| server | " + " | ".join(next(iter(results.values()))) + " |", "|---" * (len(next(iter(results.values()))) + 1) + "|"]
     for label, per in results.items():
         out.append(f"| {label} | " + " | ".join(f"{statistics.median(v):.1f}" for v in per.values()) + " |")
     return "\n".join(out + [END]) + "\n"
@@ -212,6 +222,9 @@ def main() -> int:
     parser.add_argument("--build-only", action="store_true")
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--int8", action="store_true", help="also loramux --base-dtype int8")
+    parser.add_argument("--smoke", action="store_true",
+                        help="one round of 1-4 short requests per scenario: checks that everything runs (implies --no-write)")
+    parser.add_argument("--only", nargs="+", default=None, help="servers whose label contains one of these words")
     args = parser.parse_args()
     if shutil.which("cmake") is None:
         print("cmake is needed to build llama.cpp", file=sys.stderr)
@@ -227,7 +240,13 @@ def main() -> int:
                "llama.cpp Q4_1 GGUF": ("llama", lambda: llama_server(binary, q4_1, adapters, 8403, "llama.cpp Q4_1"))}
     if args.int8:
         servers["loramux int8"] = ("loramux", lambda: loramux_server(8404, "int8"))
+    if args.only:
+        servers = {k: v for k, v in servers.items() if any(w in k for w in args.only)}
     load0 = os.getloadavg()[0]
+    if args.smoke:
+        results = bench(servers, 1, SMOKE, tokens=16)
+        print(markdown(results, 1, (load0, os.getloadavg()[0])))
+        return 0
     results = bench(servers, args.rounds)
     text = markdown(results, args.rounds, (load0, os.getloadavg()[0]))
     print(text)
