@@ -165,3 +165,23 @@ def test_eager_models_are_left_alone(kernel):
     dense_kernel.install(model)
     assert model.config._attn_implementation == "eager"
     dense_kernel.uninstall(model)
+
+
+def test_a_model_that_tests_the_attention_name_itself_keeps_sdpa():
+    """Falcon's modeling code branches on ``_attn_implementation == "sdpa"``: under another name it took
+    its eager path, which relies on SDPA's is_causal (no causal mask), and gave wrong logits (0.12 off on
+    a tiny Falcon). Such models keep SDPA, and their logits stay transformers' own."""
+    import copy
+
+    from transformers import FalconConfig, FalconForCausalLM
+
+    from loramux import MultiLoraModel
+
+    torch.manual_seed(0)
+    base = FalconForCausalLM(FalconConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                          attn_implementation="sdpa")).eval()
+    ids = torch.randint(3, 90, (3, 7))
+    ours = MultiLoraModel(copy.deepcopy(base))
+    assert ours.base_model.config._attn_implementation == "sdpa"
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=ids).logits, base(input_ids=ids).logits, atol=1e-5, rtol=0)

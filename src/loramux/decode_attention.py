@@ -18,7 +18,11 @@ Semantics: ``softmax(q k^T * scaling + mask) v`` per row and query head, with gr
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
+import re
+import sys
 from types import ModuleType
 
 import torch
@@ -28,6 +32,10 @@ logger = logging.getLogger(__name__)
 
 ATTN_NAME = "loramux_sdpa"
 _UNSUPPORTED = ("softcap", "position_bias", "s_aux", "sinks")
+
+# a modeling file that compares ``_attn_implementation`` with "sdpa" itself (Falcon) picks its code path by that
+# name: under another name it takes its eager path, which there relies on SDPA's is_causal (no causal mask)
+_BRANCHES_ON_SDPA = re.compile(r"""_attn_implementation\s*(?:==|!=|in|not in)[^\n]*["']sdpa["']""")
 
 _kernel: ModuleType | None = None
 _sdpa = None  # transformers' sdpa_attention_forward, the fallback
@@ -79,9 +87,24 @@ def _configs(model: nn.Module) -> list:
     return list(seen.values())
 
 
+@functools.lru_cache(maxsize=None)
+def _branches_on_sdpa(module_name: str) -> bool:
+    try:
+        return bool(_BRANCHES_ON_SDPA.search(inspect.getsource(sys.modules[module_name])))
+    except (KeyError, OSError, TypeError):  # no source to read: assume the worst
+        return True
+
+
 def install(model: nn.Module, kernel: ModuleType) -> int:
-    """Point the model's SDPA configs at :func:`attention_forward`; returns how many configs changed."""
+    """Point the model's SDPA configs at :func:`attention_forward`; returns how many configs changed.
+
+    Not for a model whose transformers modeling code tests the name "sdpa" itself (Falcon): renaming it
+    there silently switches that model to another code path (wrong logits, tests/zoo), so it keeps SDPA."""
     configs = [c for c in _configs(model) if getattr(c, "_attn_implementation", None) == "sdpa"]
+    modules = {type(m).__module__ for m in model.modules() if type(m).__module__.startswith("transformers.models.")}
+    if any(_branches_on_sdpa(name) for name in modules):
+        logger.debug("decode attention not installed: %s test the attention name themselves", sorted(modules))
+        return 0
     if not configs or not _register(kernel):
         return 0
     for config in configs:
