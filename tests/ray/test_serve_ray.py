@@ -201,15 +201,26 @@ def _engine_replicas_running() -> int:
 
 
 def test_killing_a_replica_under_traffic_gives_clean_errors_then_full_service(ray_serve):
-    """SIGSTOP freezes the victim while its streams are mid-generation (each has sent its first chunk and
-    still has hundreds of tokens to go), so they are in flight when SIGKILL lands."""
+    """The victim is frozen (SIGSTOP) by the stream thread that reads the victim's first token, before that
+    thread reads anything else: that stream still has 479 tokens to go, so it is mid-generation when SIGKILL
+    lands, whatever the machine's load (waiting for all four streams' first chunks, as before, gave the early
+    ones that time to finish). Streams the frozen victim had not started yet must end cleanly too (a 503)."""
     url = ray_serve["url"]
-    rows = httpx.get(url + "/replicas", timeout=30).json()["data"]
+    for model in ADAPTERS:  # replicas report their adapters with the requests they take (self-contained with -k)
+        assert completion(url, model, "hi", max_tokens=1).status_code == 200
+    rows = wait_for(lambda: [r for r in httpx.get(url + "/replicas", timeout=30).json()["data"] if r["adapters"]], 60,
+                    "a replica reporting its adapters")
     victim = rows[0]
     mine = [a for a in ADAPTERS if a in victim["adapters"]]
     assert mine, rows
-    first_chunk = [threading.Event() for _ in range(4)]
+    frozen, freeze_lock = threading.Event(), threading.Lock()
     results: list = [None] * 4
+
+    def freeze() -> None:
+        with freeze_lock:
+            if not frozen.is_set():
+                os.kill(victim["pid"], signal.SIGSTOP)
+                frozen.set()
 
     def stream(i: int) -> None:
         body = {"model": mine[i % len(mine)], "prompt": "hello", "max_tokens": 480, "temperature": 0,
@@ -217,37 +228,40 @@ def test_killing_a_replica_under_traffic_gives_clean_errors_then_full_service(ra
         try:
             with httpx.stream("POST", url + "/v1/completions", json=body, headers=AUTH, timeout=120) as r:
                 served_by = r.headers.get("x-loramux-replica")
+                if r.status_code != 200:
+                    results[i] = (r.status_code, served_by, json.loads(r.read()))
+                    return
                 chunks = []
                 for line in r.iter_lines():
                     if line.startswith("data: "):
-                        first_chunk[i].set()
+                        if served_by == victim["replica"]:
+                            freeze()
                         chunks.append(line[6:])
                 results[i] = (r.status_code, served_by, chunks)
         except Exception as exc:  # a broken connection would be a defect: record it
             results[i] = ("exception", repr(exc), [])
-        finally:
-            first_chunk[i].set()
 
     threads = [threading.Thread(target=stream, args=(i,), daemon=True) for i in range(4)]
     for t in threads:
         t.start()
-    for event in first_chunk:
-        assert event.wait(120), "a stream never started"
-    os.kill(victim["pid"], signal.SIGSTOP)
+    assert frozen.wait(120), f"no stream reached the victim: {results}"
     os.kill(victim["pid"], signal.SIGKILL)
     for t in threads:
         t.join(120)
         assert not t.is_alive(), "a request hung after its replica died"
     cut = 0
     for status, served_by, chunks in results:
-        assert status == 200, (status, served_by)  # streams had started: the error comes as an event
+        if status == 503:  # routed to the victim, frozen before it started: a clean error, never a hang
+            assert_openai_error(chunks)
+            continue
+        assert status == 200, (status, served_by)  # a started stream's error comes as an event
         assert chunks[-1] == "[DONE]", chunks[-3:]
         last = json.loads(chunks[-2])
         if "error" in last:
             assert_openai_error(last)
             assert last["error"]["code"] == "replica_unavailable" and served_by == victim["replica"], last
             cut += 1
-    assert cut >= 1, "no stream on the killed replica was still running (the kill came too late)"
+    assert cut >= 1, "the stream that froze the victim was not cut: it had finished 480 tokens first"
 
     # non-streaming requests meanwhile: never a hang, either an answer or a clean 503
     for model in ADAPTERS:
