@@ -204,11 +204,11 @@ def bench(servers: dict, rounds: int, scenarios: dict = SCENARIOS, tokens: int =
     return results
 
 
-def markdown(results: dict, rounds: int, load: tuple[float, float]) -> str:
+def markdown(results: dict, rounds: int, load: tuple[float, float], tokens: int = 64) -> str:
     out = [START, "## Peers: llama.cpp llama-server", "",
            f"Command: `.venv/bin/python benchmarks/bench_peers.py`; run {datetime.datetime.now():%Y-%m-%d %H:%M}; "
            f"llama.cpp vendored in llama-cpp-python {LLAMA_CPP_PYTHON}; {THREADS} threads each, 16 parallel slots; "
-           f"completions of 64 tokens (ignore_eos, temperature 0); medians of {rounds} alternating rounds (tok/s); "
+           f"completions of {tokens} tokens (ignore_eos, temperature 0); medians of {rounds} alternating rounds (tok/s); "
            f"1-min load average {load[0]:.1f} at start, {load[1]:.1f} at end.", "",
            "| server | " + " | ".join(next(iter(results.values()))) + " |", "|---" * (len(next(iter(results.values()))) + 1) + "|"]
     for label, per in results.items():
@@ -245,7 +245,7 @@ def main() -> int:
     load0 = os.getloadavg()[0]
     if args.smoke:
         results = bench(servers, 1, SMOKE, tokens=16)
-        print(markdown(results, 1, (load0, os.getloadavg()[0])))
+        print(markdown(results, 1, (load0, os.getloadavg()[0]), tokens=16))
         return 0
     results = bench(servers, args.rounds)
     text = markdown(results, args.rounds, (load0, os.getloadavg()[0]))
