@@ -29,7 +29,7 @@ bench: install
 	$(PY) benchmarks/bench_core.py
 
 bench-peers: install
-	$(PY) benchmarks/bench_peers.py
+	$(PY) benchmarks/bench_peers.py --int8
 
 bench-serve: install
 	$(PY) benchmarks/bench_serve.py

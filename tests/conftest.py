@@ -37,3 +37,13 @@ def decode_gemm_kernel():
             pytest.fail("a C++ compiler and AVX2 are here but the decode GEMM kernel did not build (see the warning log)")
         pytest.skip("no compiler, no AVX2, or LORAMUX_CPU_KERNEL=0: the torch path is tested elsewhere")
     return module
+
+
+@pytest.fixture
+def threads():
+    """Tests that set torch's thread count get it restored afterwards."""
+    import torch
+
+    saved = torch.get_num_threads()
+    yield
+    torch.set_num_threads(saved)

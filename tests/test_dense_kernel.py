@@ -22,11 +22,6 @@ def kernel(decode_gemm_kernel):  # tests/conftest.py: built once, fails (not ski
     return decode_gemm_kernel
 
 
-@pytest.fixture
-def threads():
-    saved = torch.get_num_threads()
-    yield
-    torch.set_num_threads(saved)
 
 
 def _tolerance(x: torch.Tensor, w: torch.Tensor) -> float:
