@@ -200,4 +200,4 @@ class Health(BaseModel):
 
 
 ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 409, 413, 503)}
+    status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 413, 503)}
