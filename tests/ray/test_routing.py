@@ -103,3 +103,12 @@ def test_a_catalogue_larger_than_the_fleet_stays_partitioned():
         res.touch(r, adapter)
         homes.setdefault(adapter, set()).add(r)
     assert all(len(h) == 1 for h in homes.values()), homes
+
+
+def test_new_adapters_spread_over_idle_replicas_by_their_hash():
+    """What test_serve_ray cannot assert with Ray's random replica ids: a catalogue of new adapters is split
+    over the replicas (each adapter homed by rendezvous hash), not piled on one."""
+    from collections import Counter
+
+    homes = Counter(choose(f"adapter-{j}", states([0, 0, 0])) for j in range(300))
+    assert set(homes) == {0, 1, 2} and min(homes.values()) >= 70, homes

@@ -105,8 +105,9 @@ def test_affinity_each_adapters_requests_land_on_one_replica(ray_serve):
         after_first = replicas[1:]
         top = collections.Counter(after_first).most_common(1)[0][1]
         assert top / len(after_first) >= 0.9, (model, replicas)
-    homes = {collections.Counter(r).most_common(1)[0][0] for r in seen.values()}
-    assert len(homes) == 2, seen  # with room for every adapter on each, the catalogue is split over both
+    # Which replica is an adapter's home is a rendezvous hash of Ray's random replica ids: all four adapters
+    # land on one replica in 1 run of 8 (it failed a fresh-clone run so), so the spread over replicas is
+    # tested on the policy with fixed ids (tests/ray/test_routing.py), not here.
 
 
 def test_streaming_equals_non_streaming(ray_serve):
@@ -148,11 +149,11 @@ def test_auth_as_in_the_plain_server(ray_serve):
 
 def test_metrics_show_each_replicas_adapters_loads_and_evictions(ray_serve):
     url = ray_serve["url"]
-    for model in ADAPTERS:  # every replica has served something by now; refresh their reports
+    for model in ADAPTERS:  # every replica that holds an adapter has served it by now; refresh their reports
         assert completion(url, model, "hi", max_tokens=1).status_code == 200
     text = httpx.get(url + "/metrics", timeout=30).text
     rows = httpx.get(url + "/replicas", timeout=30).json()["data"]
-    assert len(rows) == 2, rows
+    assert 1 <= len(rows) <= 2, rows  # one when the rendezvous hash homed every adapter on the same replica
     for row in rows:
         assert row["adapters"] and row["resident_adapters"] == len(row["adapters"])
         assert row["loads"] >= len(row["adapters"]) and row["evictions"] >= 0
