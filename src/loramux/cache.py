@@ -24,9 +24,8 @@ engine's step loop); the loader thread only touches state under ``_lock``.
 from __future__ import annotations
 
 import enum
-import json
 import logging
-import struct
+import math
 import threading
 import time
 from collections import OrderedDict
@@ -35,9 +34,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from loramux.errors import AdapterError, UnknownAdapterError
+from loramux.errors import AdapterError, AdapterWeightsError, UnknownAdapterError
 from loramux.openmp import release_thread_pool
 from loramux.registry import AdapterRegistry, check_name  # noqa: F401 - re-exported: the registry feeds the cache
+from loramux.st_header import read_header
 
 logger = logging.getLogger(__name__)
 
@@ -47,23 +47,10 @@ _WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 
 def estimate_nbytes(path: Path, element_size: int) -> int:
     """Bytes an adapter will take once loaded, from the safetensors header alone (no tensor read)."""
-    st = path / _WEIGHTS[0]
     try:
-        with open(st, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            if not 0 < n <= min(st.stat().st_size - 8, 100_000_000):
-                raise ValueError("not a safetensors header")
-            header = json.loads(f.read(n))
-        numel = 0
-        for key, meta in header.items():
-            if key != "__metadata__":
-                count = 1
-                for dim in meta["shape"]:
-                    count *= dim
-                numel += count
-        return numel * element_size
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, struct.error):
-        for name in _WEIGHTS:  # a .bin, or an unreadable header: the file size is the best guess
+        return sum(math.prod(spec.shape) for spec in read_header(path / _WEIGHTS[0]).values()) * element_size
+    except AdapterWeightsError:  # a .bin, or an unreadable header: the file size is the best guess
+        for name in _WEIGHTS:
             if (path / name).is_file():
                 return (path / name).stat().st_size
         return 0
