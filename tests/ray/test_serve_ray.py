@@ -153,9 +153,12 @@ def test_metrics_show_each_replicas_adapters_loads_and_evictions(ray_serve):
         assert completion(url, model, "hi", max_tokens=1).status_code == 200
     text = httpx.get(url + "/metrics", timeout=30).text
     rows = httpx.get(url + "/replicas", timeout=30).json()["data"]
-    assert 1 <= len(rows) <= 2, rows  # one when the rendezvous hash homed every adapter on the same replica
+    assert 1 <= len(rows) <= 2, rows
+    # A replica may hold no adapter: the rendezvous hash of Ray's random replica ids homes all four on one
+    # replica in about 1 run of 8, and the other still reports (it served tiny-base). It failed CI so.
+    assert any(row["adapters"] for row in rows), rows
     for row in rows:
-        assert row["adapters"] and row["resident_adapters"] == len(row["adapters"])
+        assert row["resident_adapters"] == len(row["adapters"]), row
         assert row["loads"] >= len(row["adapters"]) and row["evictions"] >= 0
         assert f'loramux_replica_adapters_resident{{replica="{row["replica"]}"}}' in text
         assert f'loramux_replica_adapter_loads_total{{replica="{row["replica"]}"}}' in text
