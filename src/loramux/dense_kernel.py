@@ -16,8 +16,10 @@ inputs with more than ``MAX_ROWS`` rows (prefill), other dtypes or devices, and 
 
 The same call also switches Llama-style RMSNorms (the class's forward is transformers' ``LlamaRMSNorm``
 code, character for character) to one fused kernel call instead of 7 ATen ops: the next largest
-per-step cost at B1 once the matmuls are fast (~61 norms per step of the default model), and points
-the model's SDPA attention at the kernel's one-token attention (``decode_attention.py``).
+per-step cost at B1 once the matmuls are fast (~61 norms per step of the default model), points
+the model's SDPA attention at the kernel's one-token attention (``decode_attention.py``), and gives
+Llama-code decoder layers a decode-step forward with fewer ops around the same modules
+(``decode_layers.py``).
 
 Semantics: ``F.linear(x, weight, bias)``, with float32 rounding in the kernel's own fixed order; a row's
 result does not depend on the other rows of the call or on the number of threads (bit for bit).
@@ -37,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loramux import cpu_kernel, decode_attention
+from loramux import cpu_kernel, decode_attention, decode_layers
 
 logger = logging.getLogger(__name__)
 
@@ -142,8 +144,9 @@ def install(model: nn.Module) -> int:
                 module.__class__ = fused
                 norms += 1
     attention = decode_attention.install(model, kernel)
-    logger.debug("decode GEMM kernel on %d linear layers, fused RMSNorm on %d, decode attention on %d configs",
-                 len(linears), norms, attention)
+    lean = decode_layers.install(model, kernel, tuple(f for f in _fused_norms.values() if f is not None))
+    logger.debug("decode GEMM kernel on %d linear layers, fused RMSNorm on %d, decode attention on %d configs, "
+                 "lean decode forward on %d layers", len(linears), norms, attention, lean)
     return len(linears)
 
 
@@ -158,6 +161,7 @@ def uninstall(model: nn.Module) -> int:
         elif type(module) in fused:
             module.__class__ = fused[type(module)]
     decode_attention.uninstall(model)
+    decode_layers.uninstall(model)
     return count
 
 

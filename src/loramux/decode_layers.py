@@ -1,0 +1,147 @@
+"""A lean forward for Llama-style decoder layers in decode steps: the same modules, fewer ops around them.
+
+Why: once the matmuls stream (``dense_kernel``), what is left of a B1 decode step of the default model
+is dispatch: transformers' decoder layer spends ~60 ATen ops and ~15 module calls per layer around its 7
+linears (rotary alone is ~15 ops: slices, neg, cat, mul, add for q and k), ~10 ms of a ~40 ms step on 2
+threads, and none of it is spread over the threads. This forward calls the same submodules (so LoRA
+wrappers, int8 layers, fused norms and forward hooks on the linears all still apply) and does the glue in
+one kernel call (``decode_rotary``) and a handful of views.
+
+Which layers: a decoder layer whose class's ``forward``, whose attention's ``forward`` (and that module's
+``apply_rotary_pos_emb`` / ``rotate_half``) and whose MLP's ``forward`` are, to the character,
+transformers' Llama code (Llama, Mistral, SmolLM, ... keep copies of it), with both norms fused
+(``dense_kernel``). Anything else keeps its class: silent wrong output is worse than a slow step.
+
+When: a call with one token per row, float32 on CPU, no autograd, not training, the model's attention
+pointed at the decode-attention kernel (``decode_attention.ATTN_NAME``), a KV cache, no
+``output_attentions``, and no hooks on the attention or MLP modules (transformers records attentions
+with such hooks) or global module hooks. Every other call (prefill included) runs transformers' own
+forward, unchanged.
+
+Semantics: transformers' ``LlamaDecoderLayer.forward`` for those calls; rotary is bit-equal to its
+``apply_rotary_pos_emb``, attention is the decode-attention kernel's (what the original forward calls
+under ``ATTN_NAME``), and the residual adds and MLP are the same ATen ops.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import sys
+from types import ModuleType
+
+import torch
+from torch import nn
+from torch.nn.modules import module as torch_module
+
+from loramux import decode_attention
+
+logger = logging.getLogger(__name__)
+
+_KERNEL: ModuleType | None = None  # set by install() before any lean layer exists
+_lean: dict[type, type | None] = {}  # decoder layer class -> its lean subclass, or None when it is not Llama code
+
+
+def _decode_shaped(layer: nn.Module, hidden_states: torch.Tensor, position_embeddings, past_key_values,
+                   kwargs: dict) -> bool:
+    attn, mlp = layer.self_attn, layer.mlp
+    return (hidden_states.dim() == 3 and hidden_states.shape[1] == 1 and hidden_states.dtype == torch.float32
+            and hidden_states.device.type == "cpu" and not torch.is_grad_enabled() and not layer.training
+            and position_embeddings is not None and past_key_values is not None
+            and attn.config._attn_implementation == decode_attention.ATTN_NAME and not kwargs.get("output_attentions")
+            and not (attn._forward_hooks or attn._forward_pre_hooks or mlp._forward_hooks or mlp._forward_pre_hooks
+                     or torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks))
+
+
+def _lean_forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                  position_ids: torch.LongTensor | None = None, past_key_values=None, use_cache: bool | None = False,
+                  position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None, **kwargs) -> torch.Tensor:
+    if not _decode_shaped(self, hidden_states, position_embeddings, past_key_values, kwargs):
+        return self._transformers_forward(hidden_states, attention_mask=attention_mask, position_ids=position_ids,
+                                          past_key_values=past_key_values, use_cache=use_cache,
+                                          position_embeddings=position_embeddings, **kwargs)
+    attn, mlp = self.self_attn, self.mlp
+    rows = hidden_states.shape[0]
+    residual = hidden_states                                              # (B, 1, d)
+    h = self.input_layernorm(hidden_states)
+    q = attn.q_proj(h).view(rows, 1, -1, attn.head_dim)                   # (B, 1, Hq, D)
+    k = attn.k_proj(h).view(rows, 1, -1, attn.head_dim)                   # (B, 1, Hkv, D)
+    v = attn.v_proj(h).view(rows, 1, -1, attn.head_dim)                   # (B, 1, Hkv, D)
+    cos, sin = position_embeddings                                        # (1 or B, 1, D)
+    q, k = _KERNEL.decode_rotary(q, k, cos, sin)
+    keys, values = past_key_values.update(k.transpose(1, 2), v.transpose(1, 2), attn.layer_idx)  # (B, Hkv, L, D)
+    out, _ = decode_attention.attention_forward(attn, q.transpose(1, 2), keys, values, attention_mask,
+                                                scaling=attn.scaling, **kwargs)  # (B, 1, Hq, D)
+    hidden_states = residual + attn.o_proj(out.reshape(rows, 1, -1))
+    residual = hidden_states
+    h = self.post_attention_layernorm(hidden_states)
+    return residual + mlp.down_proj(mlp.act_fn(mlp.gate_proj(h)) * mlp.up_proj(h))
+
+
+def _same_source(ours, theirs) -> bool:
+    try:
+        return inspect.getsource(ours) == inspect.getsource(theirs)
+    except (OSError, TypeError):  # no source to compare: not provably the same code
+        return False
+
+
+def _is_llama_code(layer: nn.Module) -> bool:
+    """The layer's, its attention's and its MLP's code are transformers' Llama code, character for character."""
+    attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+    if attn is None or mlp is None or not all(hasattr(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj", "config",
+                                                                          "head_dim", "scaling", "layer_idx")):
+        return False
+    return _llama_classes(type(layer), type(attn), type(mlp))
+
+
+@functools.lru_cache(maxsize=None)
+def _llama_classes(layer_cls: type, attn_cls: type, mlp_cls: type) -> bool:
+    from transformers.models.llama import modeling_llama as llama
+
+    attn_module = sys.modules.get(attn_cls.__module__)
+    return (_same_source(layer_cls.forward, llama.LlamaDecoderLayer.forward)
+            and _same_source(attn_cls.forward, llama.LlamaAttention.forward)
+            and _same_source(mlp_cls.forward, llama.LlamaMLP.forward)
+            and attn_module is not None
+            and _same_source(getattr(attn_module, "apply_rotary_pos_emb", None), llama.apply_rotary_pos_emb)
+            and _same_source(getattr(attn_module, "rotate_half", None), llama.rotate_half))
+
+
+def _lean_class(cls: type) -> type:
+    """The lean subclass of ``cls``, registered in this module so that pickling finds it by name."""
+    if _lean.get(cls) is None:
+        name = f"Lean{cls.__name__}"
+        _lean[cls] = type(name, (cls,), {"forward": _lean_forward, "_transformers_forward": cls.forward,
+                                         "__module__": __name__, "__qualname__": name,
+                                         "__doc__": f"``{cls.__name__}`` with the lean decode-step forward."})
+        globals()[name] = _lean[cls]
+    return _lean[cls]
+
+
+def install(model: nn.Module, kernel: ModuleType, fused_norms: tuple[type, ...]) -> int:
+    """Switch every Llama-code decoder layer of ``model`` whose norms are ``fused_norms`` to its lean
+    subclass; returns how many were switched (0 where transformers' Llama code is not importable)."""
+    global _KERNEL
+    try:
+        import transformers.models.llama.modeling_llama  # noqa: F401 - the reference code
+    except ImportError:
+        return 0
+    layers = [m for m in model.modules() if type(m) not in _lean.values()
+              and isinstance(getattr(m, "input_layernorm", None), fused_norms)
+              and isinstance(getattr(m, "post_attention_layernorm", None), fused_norms) and _is_llama_code(m)]
+    if layers:
+        _KERNEL = kernel
+    for layer in layers:
+        layer.__class__ = _lean_class(type(layer))
+    return len(layers)
+
+
+def uninstall(model: nn.Module) -> int:
+    """Back to transformers' classes."""
+    lean = {subclass: cls for cls, subclass in _lean.items() if subclass is not None}
+    count = 0
+    for module in model.modules():
+        if type(module) in lean:
+            module.__class__ = lean[type(module)]
+            count += 1
+    return count
