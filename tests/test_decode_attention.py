@@ -75,6 +75,19 @@ def test_a_rows_result_does_not_depend_on_the_batch_or_threads(kernel, threads, 
         assert torch.equal(together[i: i + 1], alone[i])  # bit for bit
 
 
+@pytest.mark.parametrize("length", [1, 7, 8, 9, 33])  # tails of every size for the vector exp (8 or 16 lanes)
+def test_peaked_scores_and_large_negative_masks_match_sdpa(kernel, length):
+    """The kernel's exp is its own vector polynomial: scores spread over hundreds (peaked softmax) and float masks
+    around where expf leaves the normal floats (-87.3) still give SDPA's result."""
+    q, k, v, _ = inputs(3, 4, 2, length, 16, seed=length)
+    q = q * 40
+    mask = torch.linspace(-100.0, 0.0, length).expand(3, 1, 1, length).contiguous()
+    mask[1, ..., ::2] = -87.5
+    for m in (None, mask):
+        torch.testing.assert_close(kernel.decode_attention(q, k, v, m, 0.25), reference(q, k, v, m, 0.25),
+                                   atol=2e-6, rtol=1e-5)
+
+
 def test_a_row_with_every_position_left_out_gets_zeros(kernel):
     q, k, v, _ = inputs(2, 4, 2, 6, 16, seed=3)
     mask = torch.ones(2, 1, 1, 6, dtype=torch.bool)
