@@ -206,7 +206,7 @@ def bench(servers: dict, rounds: int, scenarios: dict = SCENARIOS, tokens: int =
 
 def markdown(results: dict, rounds: int, load: tuple[float, float], tokens: int = 64) -> str:
     out = [START, "## Peers: llama.cpp llama-server", "",
-           f"Command: `.venv/bin/python benchmarks/bench_peers.py`; run {datetime.datetime.now():%Y-%m-%d %H:%M}; "
+           f"Command: `.venv/bin/python benchmarks/bench_peers.py{''.join(' ' + a for a in sys.argv[1:])}`; run {datetime.datetime.now():%Y-%m-%d %H:%M}; "
            f"llama.cpp vendored in llama-cpp-python {LLAMA_CPP_PYTHON}; {THREADS} threads each, 16 parallel slots; "
            f"completions of {tokens} tokens (ignore_eos, temperature 0); medians of {rounds} alternating rounds (tok/s); "
            f"1-min load average {load[0]:.1f} at start, {load[1]:.1f} at end.", "",
