@@ -72,6 +72,19 @@ def lm_with_adapters(kernel, tmp_path):
     return base, lm
 
 
+class Spy:
+    """The kernel module, recording which of its lean-path calls ran."""
+
+    def __init__(self, kernel, calls: list) -> None:
+        self.kernel, self.calls = kernel, calls
+
+    def __getattr__(self, name: str):
+        def call(*args):
+            self.calls.append(name)
+            return getattr(self.kernel, name)(*args)
+        return call
+
+
 @pytest.mark.parametrize("n_threads", [1, 2])
 def test_decode_steps_are_bit_equal_to_transformers_forward_over_the_same_modules(lm_with_adapters, threads, n_threads):
     """Left-padded rows over two adapters and the base, several steps: the lean forward gives exactly what the
@@ -99,14 +112,15 @@ def test_decode_steps_are_bit_equal_to_transformers_forward_over_the_same_module
             step = dict(input_ids=nxt, attention_mask=mask, position_ids=mask.sum(1, keepdim=True) - 1, use_cache=True)
             with switched_off(lm):
                 want = lm(past_key_values=ref_cache, adapter_names=names, **step).logits
-            decode_layers._KERNEL = type("Spy", (), {"decode_rotary": lambda self, *a: calls.append(1) or real.decode_rotary(*a)})()
+            decode_layers._KERNEL = Spy(real, calls)
             try:
                 got = lm(past_key_values=lean_cache, adapter_names=names, **step).logits
             finally:
                 decode_layers._KERNEL = real
             assert torch.equal(got, want)
             torch.testing.assert_close(got[1], base(past_key_values=plain_cache, **step).logits[1], atol=2e-5, rtol=1e-4)
-    assert len(calls) == 4 * 2  # the lean path ran: every step, both layers
+    # the lean path ran: every step, both layers, rotary once, q/k/v and gate/up in one call each
+    assert calls == ["decode_linear_group", "decode_rotary", "decode_linear_group"] * 4 * 2
     assert not torch.allclose(got[0], got[1])  # the adapters change the rows (else equality proves little)
 
 

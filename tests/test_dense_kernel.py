@@ -46,6 +46,32 @@ def test_kernel_equals_f_linear(kernel, d_out, d_in, bias):
         torch.testing.assert_close(got, F.linear(x, w, b), atol=_tolerance(x, w), rtol=1e-5, msg=f"M={m}")
 
 
+@pytest.mark.parametrize("n_threads", [1, 2, 3])
+def test_a_group_call_equals_one_call_per_matrix_bit_for_bit(kernel, threads, n_threads):
+    """decode_linear_group (q/k/v, gate/up in one call): each output is what decode_linear gives for that matrix
+    alone, bit for bit, over matrices of odd sizes with and without bias, row counts across the tile shapes, and
+    the fallbacks (rows above the limit, grad, another dtype) that give F.linear's result."""
+    torch.set_num_threads(n_threads)
+    g = torch.Generator().manual_seed(5)
+    weights = [torch.randn(n, 40, generator=g) for n in (24, 7, 64, 1)]
+    biases = [torch.randn(24, generator=g), None, torch.randn(64, generator=g), None]
+    for m in (1, 2, 3, 5, 16, 17, 64, 65):
+        x = torch.randn(m, 1, 40, generator=g)
+        got = kernel.decode_linear_group(x, weights, biases, 64)
+        assert [y.shape for y in got] == [(m, 1, w.shape[0]) for w in weights]
+        for y, w, b in zip(got, weights, biases):
+            assert torch.equal(y, kernel.decode_linear(x, w, b, 64)), m
+    x = torch.randn(2, 40, generator=g, requires_grad=True)
+    got = kernel.decode_linear_group(x, weights, biases, 64)
+    assert all(y.requires_grad for y in got)
+    torch.testing.assert_close(got[0], F.linear(x, weights[0], biases[0]))
+    doubles = [w.double() for w in weights]
+    got = kernel.decode_linear_group(x.detach().double(), doubles, [None] * 4, 64)
+    assert got[2].dtype == torch.float64
+    with pytest.raises(RuntimeError, match="one bias"):
+        kernel.decode_linear_group(x, weights, biases[:2], 64)
+
+
 def test_leading_dims_and_non_contiguous_inputs(kernel):
     g = torch.Generator().manual_seed(1)
     w, b = torch.randn(24, 40, generator=g), torch.randn(24, generator=g)

@@ -35,10 +35,13 @@ from torch import nn
 from torch.nn.modules import module as torch_module
 
 from loramux import decode_attention
+from loramux.layers import LoraLayer
 
 logger = logging.getLogger(__name__)
 
 _KERNEL: ModuleType | None = None  # set by install() before any lean layer exists
+_DECODE_LINEAR: type | None = None  # dense_kernel.DecodeLinear and its MAX_ROWS, from install()
+_MAX_ROWS = 0
 _lean: dict[type, type | None] = {}  # decoder layer class -> its lean subclass, or None when it is not Llama code
 
 
@@ -64,9 +67,10 @@ def _lean_forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tenso
     rows = hidden_states.shape[0]
     residual = hidden_states                                              # (B, 1, d)
     h = self.input_layernorm(hidden_states)
-    q = attn.q_proj(h).view(rows, 1, -1, attn.head_dim)                   # (B, 1, Hq, D)
-    k = attn.k_proj(h).view(rows, 1, -1, attn.head_dim)                   # (B, 1, Hkv, D)
-    v = attn.v_proj(h).view(rows, 1, -1, attn.head_dim)                   # (B, 1, Hkv, D)
+    q, k, v = _projections(h, (attn.q_proj, attn.k_proj, attn.v_proj))   # (B, 1, Hq * D), (B, 1, Hkv * D) x 2
+    q = q.view(rows, 1, -1, attn.head_dim)                                # (B, 1, Hq, D)
+    k = k.view(rows, 1, -1, attn.head_dim)                                # (B, 1, Hkv, D)
+    v = v.view(rows, 1, -1, attn.head_dim)
     cos, sin = position_embeddings                                        # (1 or B, 1, D)
     q, k = _KERNEL.decode_rotary(q, k, cos, sin)
     keys, values = past_key_values.update(k.transpose(1, 2), v.transpose(1, 2), attn.layer_idx)  # (B, Hkv, L, D)
@@ -75,7 +79,24 @@ def _lean_forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tenso
     hidden_states = residual + attn.o_proj(out.reshape(rows, 1, -1))
     residual = hidden_states
     h = self.post_attention_layernorm(hidden_states)
-    return residual + mlp.down_proj(mlp.act_fn(mlp.gate_proj(h)) * mlp.up_proj(h))
+    gate, up = _projections(h, (mlp.gate_proj, mlp.up_proj))
+    return residual + mlp.down_proj(mlp.act_fn(gate) * up)
+
+
+def _projections(x: torch.Tensor, modules: tuple[nn.Module, ...]) -> list[torch.Tensor]:
+    """``[m(x) for m in modules]``; the base matmuls in one kernel call (``decode_linear_group``: one read of
+    ``x``, the threads meet once) when each module is a ``DecodeLinear`` or a ``LoraLayer`` over one, with no
+    hooks: the wrappers then add their adapters to their share (``LoraLayer.add_adapters``). Bit-equal to the
+    module calls: each output element is the same accumulator chain."""
+    bases = []
+    for module in modules:
+        base = module.base_layer if type(module) is LoraLayer else module
+        if (type(base) is not _DECODE_LINEAR or module._forward_hooks or module._forward_pre_hooks
+                or base._forward_hooks or base._forward_pre_hooks):
+            return [m(x) for m in modules]
+        bases.append(base)
+    ys = _KERNEL.decode_linear_group(x, [b.weight for b in bases], [b.bias for b in bases], _MAX_ROWS)
+    return [y if m is b else m.add_adapters(y, x) for m, b, y in zip(modules, bases, ys)]
 
 
 def _same_source(ours, theirs) -> bool:
@@ -118,10 +139,12 @@ def _lean_class(cls: type) -> type:
     return _lean[cls]
 
 
-def install(model: nn.Module, kernel: ModuleType, fused_norms: tuple[type, ...]) -> int:
+def install(model: nn.Module, kernel: ModuleType, fused_norms: tuple[type, ...], decode_linear: type, max_rows: int) -> int:
     """Switch every Llama-code decoder layer of ``model`` whose norms are ``fused_norms`` to its lean
-    subclass; returns how many were switched (0 where transformers' Llama code is not importable)."""
-    global _KERNEL
+    subclass; returns how many were switched (0 where transformers' Llama code is not importable).
+    ``decode_linear``/``max_rows``: dense_kernel's linear class and its row limit (projections of that class
+    share one kernel call)."""
+    global _KERNEL, _DECODE_LINEAR, _MAX_ROWS
     try:
         import transformers.models.llama.modeling_llama  # noqa: F401 - the reference code
     except ImportError:
@@ -130,7 +153,7 @@ def install(model: nn.Module, kernel: ModuleType, fused_norms: tuple[type, ...])
               and isinstance(getattr(m, "input_layernorm", None), fused_norms)
               and isinstance(getattr(m, "post_attention_layernorm", None), fused_norms) and _is_llama_code(m)]
     if layers:
-        _KERNEL = kernel
+        _KERNEL, _DECODE_LINEAR, _MAX_ROWS = kernel, decode_linear, max_rows
     for layer in layers:
         layer.__class__ = _lean_class(type(layer))
     return len(layers)

@@ -144,7 +144,8 @@ def install(model: nn.Module) -> int:
                 module.__class__ = fused
                 norms += 1
     attention = decode_attention.install(model, kernel)
-    lean = decode_layers.install(model, kernel, tuple(f for f in _fused_norms.values() if f is not None))
+    lean = decode_layers.install(model, kernel, tuple(f for f in _fused_norms.values() if f is not None), DecodeLinear,
+                                 MAX_ROWS)
     logger.debug("decode GEMM kernel on %d linear layers, fused RMSNorm on %d, decode attention on %d configs, "
                  "lean decode forward on %d layers", len(linears), norms, attention, lean)
     return len(linears)

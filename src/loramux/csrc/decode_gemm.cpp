@@ -169,6 +169,10 @@ inline void rows_of(const T* Wt, const float* x, float* y, int64_t M, int64_t K,
 }
 
 template <typename T>
+void tile_range(const T* W, const float* x, float* y, int64_t M, int64_t K, int64_t N, const float* sc, const float* b,
+                int64_t nr_, int64_t lo, int64_t hi);
+
+template <typename T>
 void gemm(const T* W, const float* x, float* y, int64_t M, int64_t K, int64_t N, const float* sc, const float* b,
           int threads) {
   // 1-2 rows: 4 W rows per tile (8 accumulators fit, and the int8 widening per FMA is the larger cost);
@@ -178,17 +182,42 @@ void gemm(const T* W, const float* x, float* y, int64_t M, int64_t K, int64_t N,
 #pragma omp parallel num_threads(threads) if (threads > 1)
   {
     const int64_t T_ = omp_get_num_threads(), t = omp_get_thread_num();
-    const int64_t lo = tiles * t / T_, hi = tiles * (t + 1) / T_;  // a contiguous chunk of W per thread
-    const T* pf_end = W + std::min(N, hi * nr_) * K;
-    for (int64_t tt = lo; tt < hi; ++tt) {
-      const int64_t n0 = tt * nr_;
-      switch (std::min<int64_t>(nr_, N - n0)) {
-        case 1: rows<T, 1>(W, x, y, M, K, N, n0, sc, b, pf_end); break;
-        case 2: rows<T, 2>(W, x, y, M, K, N, n0, sc, b, pf_end); break;
-        case 3: rows<T, 3>(W, x, y, M, K, N, n0, sc, b, pf_end); break;
-        case 4: rows<T, 4>(W, x, y, M, K, N, n0, sc, b, pf_end); break;
-        default: break;
-      }
+    tile_range(W, x, y, M, K, N, sc, b, nr_, tiles * t / T_, tiles * (t + 1) / T_);  // a contiguous chunk of W
+  }
+}
+
+// One matrix's W tiles [lo, hi) of nr_ rows each (a thread's share), prefetching within that share
+template <typename T>
+void tile_range(const T* W, const float* x, float* y, int64_t M, int64_t K, int64_t N, const float* sc, const float* b,
+                int64_t nr_, int64_t lo, int64_t hi) {
+  const T* pf_end = W + std::min(N, hi * nr_) * K;
+  for (int64_t tt = lo; tt < hi; ++tt) {
+    const int64_t n0 = tt * nr_;
+    switch (std::min<int64_t>(nr_, N - n0)) {
+      case 1: rows<T, 1>(W, x, y, M, K, N, n0, sc, b, pf_end); break;
+      case 2: rows<T, 2>(W, x, y, M, K, N, n0, sc, b, pf_end); break;
+      case 3: rows<T, 3>(W, x, y, M, K, N, n0, sc, b, pf_end); break;
+      case 4: rows<T, 4>(W, x, y, M, K, N, n0, sc, b, pf_end); break;
+      default: break;
+    }
+  }
+}
+
+// Several matrices with the same input (q/k/v, gate/up) in one parallel region: their tiles are split over
+// the threads as one range, so no matrix is too small to share and the threads meet once, not once per matrix.
+void gemm_group(const std::vector<const float*>& Ws, const std::vector<float*>& ys, const std::vector<int64_t>& Ns,
+                const std::vector<const float*>& bs, const float* x, int64_t M, int64_t K, int threads) {
+  const int64_t nr_ = M <= 2 ? 4 : NR;
+  const int64_t G = static_cast<int64_t>(Ws.size());
+  std::vector<int64_t> first(G + 1, 0);  // first[g]: global index of matrix g's first tile
+  for (int64_t g = 0; g < G; ++g) first[g + 1] = first[g] + (Ns[g] + nr_ - 1) / nr_;
+#pragma omp parallel num_threads(threads) if (threads > 1)
+  {
+    const int64_t T_ = omp_get_num_threads(), t = omp_get_thread_num();
+    const int64_t lo = first[G] * t / T_, hi = first[G] * (t + 1) / T_;
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t a = std::max(lo, first[g]), e = std::min(hi, first[g + 1]);
+      if (a < e) tile_range<float>(Ws[g], x, ys[g], M, K, Ns[g], nullptr, bs[g], nr_, a - first[g], e - first[g]);
     }
   }
 }
@@ -231,6 +260,43 @@ at::Tensor decode_linear(const at::Tensor& x, const at::Tensor& W, const c10::op
   gemm<float>(W.data_ptr<float>(), xc.data_ptr<float>(), y.data_ptr<float>(), M, K, N, nullptr,
               b.has_value() ? b->data_ptr<float>() : nullptr, threads_for(N * K * 4));
   return y;
+}
+
+// [F.linear(x, W, b) for W, b in zip(weights, biases)] with one read of x and one parallel region, through the
+// kernel when x has at most max_rows rows and every W is a contiguous float32 (N_i, K) matrix; else one
+// decode_linear per matrix. Each output element is the same accumulator chain as decode_linear's, bit for bit.
+std::vector<at::Tensor> decode_linear_group(const at::Tensor& x, const std::vector<at::Tensor>& weights,
+                                            const std::vector<c10::optional<at::Tensor>>& biases, int64_t max_rows) {
+  TORCH_CHECK(weights.size() == biases.size() && !weights.empty(), "decode_linear_group: one bias (or None) per weight");
+  const int64_t K = x.dim() >= 1 ? x.size(-1) : -1;
+  bool kernel = K > 0 && x.device().type() == at::kCPU && x.scalar_type() == at::kFloat;
+  int64_t bytes = 0;
+  for (size_t g = 0; g < weights.size() && kernel; ++g) {
+    const at::Tensor& W = weights[g];
+    kernel = W.dim() == 2 && W.size(1) == K && W.device().type() == at::kCPU && W.scalar_type() == at::kFloat &&
+             W.is_contiguous() && !needs_grad(x, W, biases[g]) && (!biases[g].has_value() || float_vector(biases[g], W.size(0)));
+    bytes += kernel ? W.numel() * 4 : 0;
+  }
+  const int64_t M = K > 0 ? x.numel() / K : 0;
+  std::vector<at::Tensor> out;
+  if (!kernel || M > max_rows || M == 0) {
+    for (size_t g = 0; g < weights.size(); ++g) out.push_back(decode_linear(x, weights[g], biases[g], max_rows));
+    return out;
+  }
+  const at::Tensor xc = x.contiguous();
+  std::vector<const float*> Ws, bs;
+  std::vector<float*> ys;
+  std::vector<int64_t> Ns;
+  for (size_t g = 0; g < weights.size(); ++g) {
+    const int64_t N = weights[g].size(0);
+    out.push_back(at::empty(out_shape(x, N), x.options()));
+    Ws.push_back(weights[g].data_ptr<float>());
+    bs.push_back(biases[g].has_value() ? biases[g]->data_ptr<float>() : nullptr);
+    ys.push_back(out.back().data_ptr<float>());
+    Ns.push_back(N);
+  }
+  gemm_group(Ws, ys, Ns, bs, xc.data_ptr<float>(), M, K, threads_for(bytes));
+  return out;
 }
 
 // Weight-only int8: y = (x @ q.T) * scale + b with q (N, K) int8 and scale (N,) float32 per output channel.
@@ -550,6 +616,7 @@ int64_t lanes() { return L; }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_linear", &decode_linear, "F.linear(x, W, b); the streaming kernel for at most max_rows rows of x");
+  m.def("decode_linear_group", &decode_linear_group, "[F.linear(x, W, b) for each (W, b)], one kernel call for all");
   m.def("int8_linear", &int8_linear, "F.linear(x, q * scale[:, None], b) for int8 q; the kernel for at most max_rows rows");
   m.def("rms_norm", &rms_norm, "w * (x * rsqrt(mean(x^2, -1) + eps)), transformers' LlamaRMSNorm in one call");
   m.def("decode_attention", &decode_attention, "softmax(q k^T * scale + mask) v for one query token per row (GQA)");
