@@ -31,17 +31,30 @@ def _is_ray(p: psutil.Process) -> bool:
 
 def test_replicas_2_serves_through_ray_and_sigterm_leaves_no_ray_process(ray_world, tmp_path):
     pytest.importorskip("ray")
-    args = ["--replicas", "2", "--threads", "1", "--base", str(ray_world["base"]),
-            "--adapter-root", str(ray_world["root"]), "--max-loaded-adapters", "4", "--log-level", "warning"]
+    args = ["--replicas", "2", "--threads", "1", "--base", str(ray_world["base"]), "--adapter-root", str(ray_world["root"]),
+            "--adapter-root", str(ray_world["runtime"]), "--allow-runtime-loading", "--max-loaded-adapters", "4",
+            "--log-level", "warning"]
     server = ServerProcess(args, tmp_path / "serve.log", startup_timeout=600)
+
+    def served_by(model: str) -> str:
+        r = httpx.post(server.url + "/v1/completions", json={"model": model, "prompt": "hello", "max_tokens": 4,
+                                                             "temperature": 0}, timeout=120)
+        assert r.status_code == 200, r.text
+        return r.headers["x-loramux-replica"]
+
     try:
-        seen = set()
-        for model in ("a0", "a1", "a2", "a3"):
-            r = httpx.post(server.url + "/v1/completions", json={"model": model, "prompt": "hello", "max_tokens": 4,
-                                                                 "temperature": 0}, timeout=120)
+        seen = {served_by(model) for model in ("a0", "a1", "a2", "a3")}
+        # Both replicas serve: an adapter's home is a rendezvous hash of Ray's random replica ids, so the four
+        # land on one replica in 1 run of 8 (it failed a fresh-clone run so); more names until the other one
+        # serves too (each a fair coin: 40 names leave a 2**-40 chance).
+        for i in range(40):
+            if len(seen) == 2:
+                break
+            r = httpx.post(server.url + "/v1/load_lora_adapter", json={"lora_name": f"spread{i}",
+                                                                      "lora_path": str(ray_world["good"])}, timeout=120)
             assert r.status_code == 200, r.text
-            seen.add(r.headers["x-loramux-replica"])
-        assert len(seen) == 2, seen  # four adapters spread over both replicas
+            seen.add(served_by(f"spread{i}"))
+        assert len(seen) == 2, seen
         started = [p for p in _tree(server.proc.pid) if _is_ray(p)]
         assert started, "no Ray process under loramux serve --replicas 2"
     finally:
