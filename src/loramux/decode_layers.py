@@ -42,7 +42,7 @@ logger = logging.getLogger(__name__)
 _KERNEL: ModuleType | None = None  # set by install() before any lean layer exists
 _DECODE_LINEAR: type | None = None  # dense_kernel.DecodeLinear and its MAX_ROWS, from install()
 _MAX_ROWS = 0
-_lean: dict[type, type | None] = {}  # decoder layer class -> its lean subclass, or None when it is not Llama code
+_lean: dict[type, type] = {}  # decoder layer class -> its lean subclass
 
 
 def _decode_shaped(layer: nn.Module, hidden_states: torch.Tensor, position_embeddings, past_key_values,
@@ -130,7 +130,7 @@ def _llama_classes(layer_cls: type, attn_cls: type, mlp_cls: type) -> bool:
 
 def _lean_class(cls: type) -> type:
     """The lean subclass of ``cls``, registered in this module so that pickling finds it by name."""
-    if _lean.get(cls) is None:
+    if cls not in _lean:
         name = f"Lean{cls.__name__}"
         _lean[cls] = type(name, (cls,), {"forward": _lean_forward, "_transformers_forward": cls.forward,
                                          "__module__": __name__, "__qualname__": name,
@@ -161,7 +161,7 @@ def install(model: nn.Module, kernel: ModuleType, fused_norms: tuple[type, ...],
 
 def uninstall(model: nn.Module) -> int:
     """Back to transformers' classes."""
-    lean = {subclass: cls for cls, subclass in _lean.items() if subclass is not None}
+    lean = {subclass: cls for cls, subclass in _lean.items()}
     count = 0
     for module in model.modules():
         if type(module) in lean:
