@@ -5,7 +5,8 @@ is dispatch: transformers' decoder layer spends ~60 ATen ops and ~15 module call
 linears (rotary alone is ~15 ops: slices, neg, cat, mul, add for q and k), ~10 ms of a ~40 ms step on 2
 threads, and none of it is spread over the threads. This forward calls the same submodules (so LoRA
 wrappers, int8 layers, fused norms and forward hooks on the linears all still apply) and does the glue in
-one kernel call (``decode_rotary``) and a handful of views.
+one kernel call (``decode_rotary``) and a handful of views; the q/k/v and gate/up base matmuls take one kernel
+call each (``_projections``).
 
 Which layers: a decoder layer whose class's ``forward``, whose attention's ``forward`` (and that module's
 ``apply_rotary_pos_emb`` / ``rotate_half``) and whose MLP's ``forward`` are, to the character,

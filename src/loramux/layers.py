@@ -183,12 +183,7 @@ class ModulesToSaveLayer(_PassThrough):
         self.slots = SlotTable()  # entries are nn.Module copies (not registered: they are not base weights)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        return self.add_adapters(self.base_layer(x, *args, **kwargs), x, args, kwargs)
-
-    def add_adapters(self, y: torch.Tensor, x: torch.Tensor, args: tuple = (), kwargs: dict | None = None) -> torch.Tensor:
-        """The base layer's output ``y`` for input ``x`` plus each row's adapter (what ``forward`` returns); for
-        callers that computed ``y`` themselves (``decode_layers``: several base matmuls in one kernel call)."""
-        kwargs = {} if kwargs is None else kwargs
+        y = self.base_layer(x, *args, **kwargs)
         mapping = self._mapping()
         if mapping is None or self.slots.count == 0:
             return y

@@ -172,12 +172,14 @@ template <typename T>
 void tile_range(const T* W, const float* x, float* y, int64_t M, int64_t K, int64_t N, const float* sc, const float* b,
                 int64_t nr_, int64_t lo, int64_t hi);
 
+// W rows per tile for M rows of x: 1-2 rows: 4 (8 accumulators fit, and the int8 widening per FMA is the larger
+// cost); more: NR. The tile shape never changes a result: each y[m, n] is the same accumulator chain.
+inline int64_t tile_rows(int64_t M) { return M <= 2 ? 4 : NR; }
+
 template <typename T>
 void gemm(const T* W, const float* x, float* y, int64_t M, int64_t K, int64_t N, const float* sc, const float* b,
           int threads) {
-  // 1-2 rows: 4 W rows per tile (8 accumulators fit, and the int8 widening per FMA is the larger cost);
-  // more: NR. The tile shape never changes a result: each y[m, n] is the same accumulator chain.
-  const int64_t nr_ = M <= 2 ? 4 : NR;
+  const int64_t nr_ = tile_rows(M);
   const int64_t tiles = (N + nr_ - 1) / nr_;
 #pragma omp parallel num_threads(threads) if (threads > 1)
   {
@@ -207,7 +209,7 @@ void tile_range(const T* W, const float* x, float* y, int64_t M, int64_t K, int6
 // the threads as one range, so no matrix is too small to share and the threads meet once, not once per matrix.
 void gemm_group(const std::vector<const float*>& Ws, const std::vector<float*>& ys, const std::vector<int64_t>& Ns,
                 const std::vector<const float*>& bs, const float* x, int64_t M, int64_t K, int threads) {
-  const int64_t nr_ = M <= 2 ? 4 : NR;
+  const int64_t nr_ = tile_rows(M);
   const int64_t G = static_cast<int64_t>(Ws.size());
   std::vector<int64_t> first(G + 1, 0);  // first[g]: global index of matrix g's first tile
   for (int64_t g = 0; g < G; ++g) first[g + 1] = first[g] + (Ns[g] + nr_ - 1) / nr_;
