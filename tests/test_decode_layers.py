@@ -1,6 +1,7 @@
 """The lean decode-step forward of Llama-code decoder layers (``decode_layers.py``): bit-equal to transformers'
-forward over the same modules (adapters, mixed rows, left padding, 1 and 2 threads), rotary bit-equal to
-transformers', every other call on transformers' forward, other architectures left alone."""
+forward over the same modules (adapters, mixed rows, left padding, 1 and 2 threads; the two-call block path
+for batches with no adapter in a layer, fp32 and int8), rotary bit-equal to transformers', every other call on
+transformers' forward, other architectures left alone."""
 from __future__ import annotations
 
 import copy
@@ -122,6 +123,80 @@ def test_decode_steps_are_bit_equal_to_transformers_forward_over_the_same_module
     # the lean path ran: every step, both layers, rotary once, q/k/v and gate/up in one call each
     assert calls == ["decode_linear_group", "decode_rotary", "decode_linear_group"] * 4 * 2
     assert not torch.allclose(got[0], got[1])  # the adapters change the rows (else equality proves little)
+
+
+def decode_steps(lm, names, spy_calls: list, steps: int = 3, seed: int = 11):
+    """Prefill 2-3 left-padded rows, then ``steps`` decode steps on the lean forward (kernel calls recorded in
+    ``spy_calls``) and on transformers' forward over the same modules; returns both logits per step."""
+    rows = len(names)
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 96, (rows, 7), generator=g)
+    mask = torch.ones(rows, 7, dtype=torch.long)
+    mask[-1, :4] = 0
+    real, out = decode_layers._KERNEL, []
+    with torch.inference_mode():
+        with switched_off(lm):
+            ref_cache = lm(input_ids=ids, attention_mask=mask, use_cache=True, adapter_names=names).past_key_values
+        lean_cache = lm(input_ids=ids, attention_mask=mask, use_cache=True, adapter_names=names).past_key_values
+        for _ in range(steps):
+            nxt = torch.randint(3, 96, (rows, 1), generator=g)
+            mask = torch.cat([mask, torch.ones(rows, 1, dtype=torch.long)], dim=1)
+            step = dict(input_ids=nxt, attention_mask=mask, position_ids=mask.sum(1, keepdim=True) - 1, use_cache=True,
+                        adapter_names=names)
+            with switched_off(lm):
+                want = lm(past_key_values=ref_cache, **step).logits
+            decode_layers._KERNEL = Spy(real, spy_calls)
+            try:
+                got = lm(past_key_values=lean_cache, **step).logits
+            finally:
+                decode_layers._KERNEL = real
+            out.append((got, want))
+    return out
+
+
+@pytest.mark.parametrize("n_threads", [1, 2])
+@pytest.mark.parametrize("int8", [False, True])
+@pytest.mark.parametrize("loaded", [False, True])
+def test_steps_with_no_adapter_in_the_batch_take_two_block_calls_a_layer(kernel, tmp_path, threads, n_threads, int8, loaded):
+    """Base rows only (adapters loaded beside them or none at all), fp32 and int8 bases: each layer is one
+    ``decode_block_qkv`` and one ``decode_block_mlp`` call, and the logits are those of transformers' forward over
+    the same modules, bit for bit."""
+    from loramux.quantize import quantize_model
+
+    torch.set_num_threads(n_threads)
+    base = tiny_llama(seed=6, hidden_size=48, intermediate_size=80, num_attention_heads=6, num_key_value_heads=2)
+    adapter = make_adapter(base, tmp_path / "all", seed=7, r=4, lora_alpha=8,
+                           target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    if int8:
+        quantize_model(base)
+    lm = MultiLoraModel(base)
+    if loaded:
+        lm.load_adapter(adapter, adapter_name="all")
+    calls = []
+    for got, want in decode_steps(lm, ["__base__", None], calls):
+        assert torch.equal(got, want)
+    assert calls == ["decode_block_qkv", "decode_block_mlp"] * 3 * 2
+
+
+def test_an_adapter_row_or_a_hook_keeps_the_module_calls(lm_with_adapters):
+    """A row whose adapter has weights in a layer's projections, or a hook on a norm, the activation or a base
+    linear inside a LoRA wrapper: that layer runs its modules one by one (and the hook runs), same logits."""
+    _, lm = lm_with_adapters
+    calls = []
+    for got, want in decode_steps(lm, ["__base__", "qv"], calls):  # qv: LoRA on q/v of every layer
+        assert torch.equal(got, want)
+    assert "decode_block_qkv" not in calls and calls.count("decode_rotary") == 3 * 2
+    layer = lm.base_model.model.layers[1]
+    for module in (layer.input_layernorm, layer.mlp.act_fn, layer.self_attn.o_proj.base_layer):
+        hooked, calls = [], []
+        handle = module.register_forward_hook(lambda *a: hooked.append(1))
+        try:
+            for got, want in decode_steps(lm, ["__base__", None], calls, steps=2):
+                assert torch.equal(got, want)
+        finally:
+            handle.remove()
+        assert calls.count("decode_block_qkv") == 2 and calls.count("decode_rotary") == 2  # layer 0 fused, layer 1 not
+        assert len(hooked) == 2 + 2 * 2  # both prefills and both forwards of each step (lean and reference)
 
 
 def test_every_other_call_runs_transformers_forward(lm_with_adapters, monkeypatch):

@@ -6,7 +6,11 @@ linears (rotary alone is ~15 ops: slices, neg, cat, mul, add for q and k), ~10 m
 threads, and none of it is spread over the threads. This forward calls the same submodules (so LoRA
 wrappers, int8 layers, fused norms and forward hooks on the linears all still apply) and does the glue in
 one kernel call (``decode_rotary``) and a handful of views; the q/k/v and gate/up base matmuls take one kernel
-call each (``_projections``).
+call each (``_projections``). Where no projection of a layer has anything to add for the batch (no adapter of
+its rows there, no hooks: every base-only step, the int8 base included), the layer is two kernel calls around
+its KV cache write and attention (``decode_block_qkv``: norm, q/k/v, rotary; ``decode_block_mlp``: o_proj,
+residual, norm, MLP, residual): ~2 ms less per B1 step of the default model than the module calls (measured
+one process, alternating: 1 thread fp32 50.0 vs 54.6 ms, int8 29.9 vs 32.2; 2 threads int8 21.6 vs 23.0).
 
 Which layers: a decoder layer whose class's ``forward``, whose attention's ``forward`` (and that module's
 ``apply_rotary_pos_emb`` / ``rotate_half``) and whose MLP's ``forward`` are, to the character,
@@ -43,6 +47,9 @@ logger = logging.getLogger(__name__)
 _KERNEL: ModuleType | None = None  # set by install() before any lean layer exists
 _DECODE_LINEAR: type | None = None  # dense_kernel.DecodeLinear and its MAX_ROWS, from install()
 _MAX_ROWS = 0
+_FUSED_NORMS: tuple[type, ...] = ()  # dense_kernel's fused RMSNorm classes, from install()
+_INT8_LINEAR: type | None = None  # quantize.Int8Linear, from install()
+_SILU: tuple[type, ...] = (nn.SiLU,)  # and transformers' SiLUActivation, from install()
 _lean: dict[type, type] = {}  # decoder layer class -> its lean subclass
 
 
@@ -66,6 +73,14 @@ def _lean_forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tenso
                                           position_embeddings=position_embeddings, **kwargs)
     attn, mlp = self.self_attn, self.mlp
     rows = hidden_states.shape[0]
+    plan = _block_plan(self, attn, mlp, hidden_states.device)
+    if plan is not None:  # every projection a plain base linear for this call: two kernel calls around attention
+        norm1, qkv, norm2, rest = plan
+        q, k, v = _KERNEL.decode_block_qkv(hidden_states, *norm1, *qkv, *position_embeddings, attn.head_dim, _MAX_ROWS)
+        keys, values = past_key_values.update(k.transpose(1, 2), v.transpose(1, 2), attn.layer_idx)  # (B, Hkv, L, D)
+        out, _ = decode_attention.attention_forward(attn, q.transpose(1, 2), keys, values, attention_mask,
+                                                    scaling=attn.scaling, **kwargs)  # (B, 1, Hq, D)
+        return _KERNEL.decode_block_mlp(hidden_states, out, *rest, *norm2, _MAX_ROWS)
     residual = hidden_states                                              # (B, 1, d)
     h = self.input_layernorm(hidden_states)
     q, k, v = _projections(h, (attn.q_proj, attn.k_proj, attn.v_proj))   # (B, 1, Hq * D), (B, 1, Hkv * D) x 2
@@ -82,6 +97,39 @@ def _lean_forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tenso
     h = self.post_attention_layernorm(hidden_states)
     gate, up = _projections(h, (mlp.gate_proj, mlp.up_proj))
     return residual + mlp.down_proj(mlp.act_fn(gate) * up)
+
+
+def _block_plan(layer: nn.Module, attn: nn.Module, mlp: nn.Module, device: torch.device):
+    """The kernel arguments of ``decode_block_qkv`` / ``decode_block_mlp`` for this call, or None where the
+    module calls must run: the norms are fused norms, the activation SiLU, and each projection a ``DecodeLinear``
+    or an int8 base linear, bare or in a ``LoraLayer`` that adds nothing to this batch (no adapter of its rows
+    there), with no hooks on any of them."""
+    norms = []
+    for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+        if type(norm) not in _FUSED_NORMS or norm._forward_hooks or norm._forward_pre_hooks:
+            return None
+        norms.append((norm.weight, norm.variance_epsilon))
+    act = mlp.act_fn
+    if type(act) not in _SILU or act._forward_hooks or act._forward_pre_hooks:
+        return None
+    specs = []
+    for module in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+        if module._forward_hooks or module._forward_pre_hooks:
+            return None
+        if type(module) is LoraLayer:
+            if not module.adds_nothing(device):
+                return None
+            module = module.base_layer
+            if module._forward_hooks or module._forward_pre_hooks:
+                return None
+        if type(module) is _DECODE_LINEAR:
+            specs.append((module.weight, None, module.bias))
+        elif type(module) is _INT8_LINEAR:
+            specs.append((module.qweight, module.wscale, module.bias))
+        else:
+            return None
+    weights, scales, biases = (list(column) for column in zip(*specs))
+    return (norms[0], (weights[:3], scales[:3], biases[:3]), norms[1], (weights[3:], scales[3:], biases[3:]))
 
 
 def _projections(x: torch.Tensor, modules: tuple[nn.Module, ...]) -> list[torch.Tensor]:
@@ -145,7 +193,7 @@ def install(model: nn.Module, kernel: ModuleType, fused_norms: tuple[type, ...],
     subclass; returns how many were switched (0 where transformers' Llama code is not importable).
     ``decode_linear``/``max_rows``: dense_kernel's linear class and its row limit (projections of that class
     share one kernel call)."""
-    global _KERNEL, _DECODE_LINEAR, _MAX_ROWS
+    global _KERNEL, _DECODE_LINEAR, _MAX_ROWS, _FUSED_NORMS, _INT8_LINEAR, _SILU
     try:
         import transformers.models.llama.modeling_llama  # noqa: F401 - the reference code
     except ImportError:
@@ -154,7 +202,12 @@ def install(model: nn.Module, kernel: ModuleType, fused_norms: tuple[type, ...],
               and isinstance(getattr(m, "input_layernorm", None), fused_norms)
               and isinstance(getattr(m, "post_attention_layernorm", None), fused_norms) and _is_llama_code(m)]
     if layers:
+        from transformers.activations import SiLUActivation
+
+        from loramux.quantize import Int8Linear  # imports dense_kernel, which imports this module
+
         _KERNEL, _DECODE_LINEAR, _MAX_ROWS = kernel, decode_linear, max_rows
+        _FUSED_NORMS, _INT8_LINEAR, _SILU = tuple(fused_norms), Int8Linear, (nn.SiLU, SiLUActivation)
     for layer in layers:
         layer.__class__ = _lean_class(type(layer))
     return len(layers)

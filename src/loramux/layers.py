@@ -127,6 +127,13 @@ class LoraLayer(_PassThrough):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return self.add_adapters(self.base_layer(x, *args, **kwargs), x, args, kwargs)
 
+    def adds_nothing(self, device: torch.device) -> bool:
+        """``add_adapters`` returns ``y`` as it is in the running forward: no mapping, or no adapter of its rows has
+        weights or a copy here (``decode_layers`` then runs the base linear alone, inside a larger kernel call)."""
+        mapping = self._mapping()
+        return mapping is None or (not self.copies.count and not (self.slots.count and not mapping.merged
+                                                                  and mapping.groups(device)))
+
     def add_adapters(self, y: torch.Tensor, x: torch.Tensor, args: tuple = (), kwargs: dict | None = None) -> torch.Tensor:
         """The base layer's output ``y`` for input ``x`` plus each row's adapter (what ``forward`` returns); for
         callers that computed ``y`` themselves (``decode_layers``: several base matmuls in one kernel call)."""

@@ -614,6 +614,63 @@ std::vector<at::Tensor> decode_rotary(const at::Tensor& q, const at::Tensor& k, 
   return {qo, ko};
 }
 
+// The linears of one decoder layer around its attention, in two calls a layer instead of ~20 Python-level ones
+// (decode_layers.py's fused path: every projection a plain float32 or int8 base linear, no adapter in the batch,
+// no hooks). Each linear is decode_linear / decode_linear_group / int8_linear, each other op the ATen op the
+// Python forward runs, in the same order: the results are those of the module calls, bit for bit.
+namespace {
+
+// F.linear through the kernel: W float32 (N, K), or int8 q (N, K) with its per-channel scales
+at::Tensor base_linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& scale,
+                       const c10::optional<at::Tensor>& b, int64_t max_rows) {
+  return scale.has_value() ? int8_linear(x, w, *scale, b, max_rows) : decode_linear(x, w, b, max_rows);
+}
+
+// [F.linear(x, W_i, b_i)]: one grouped call when every W is float32, else one call each
+std::vector<at::Tensor> base_linears(const at::Tensor& x, const std::vector<at::Tensor>& ws,
+                                     const std::vector<c10::optional<at::Tensor>>& scales,
+                                     const std::vector<c10::optional<at::Tensor>>& bs, int64_t max_rows) {
+  TORCH_CHECK(ws.size() == scales.size() && ws.size() == bs.size(), "decode block: one scale and one bias (or None) per weight");
+  bool all_float = true;
+  for (const auto& s : scales) all_float = all_float && !s.has_value();
+  if (all_float) return decode_linear_group(x, ws, bs, max_rows);
+  std::vector<at::Tensor> out;
+  for (size_t i = 0; i < ws.size(); ++i) out.push_back(base_linear(x, ws[i], scales[i], bs[i], max_rows));
+  return out;
+}
+
+}  // namespace
+
+// q, k, v of one token per row, ready for the KV cache and attention (LlamaAttention.forward up to the cache):
+//     h = rms_norm(x); q, k, v = h @ Wq.T, h @ Wk.T, h @ Wv.T (+ b)     # x: (B, 1, d) -> (B, 1, H, D) each
+//     q, k = apply_rotary_pos_emb(q, k, cos, sin)                       # cos/sin: (1 or B, 1, D)
+std::vector<at::Tensor> decode_block_qkv(const at::Tensor& x, const at::Tensor& norm_w, double eps,
+                                         const std::vector<at::Tensor>& ws, const std::vector<c10::optional<at::Tensor>>& scales,
+                                         const std::vector<c10::optional<at::Tensor>>& bs, const at::Tensor& cos,
+                                         const at::Tensor& sin, int64_t head_dim, int64_t max_rows) {
+  TORCH_CHECK(ws.size() == 3 && x.dim() == 3 && x.size(1) == 1, "decode_block_qkv: x (B, 1, d) and 3 weights (q, k, v)");
+  const int64_t B = x.size(0);
+  std::vector<at::Tensor> qkv = base_linears(rms_norm(x, norm_w, eps), ws, scales, bs, max_rows);
+  const at::Tensor q = qkv[0].view({B, 1, -1, head_dim}), k = qkv[1].view({B, 1, -1, head_dim});
+  std::vector<at::Tensor> rotated = decode_rotary(q, k, cos, sin);
+  return {rotated[0], rotated[1], qkv[2].view({B, 1, -1, head_dim})};
+}
+
+// The rest of the layer after attention (LlamaDecoderLayer.forward from o_proj on, LlamaMLP with SiLU):
+//     y = residual + o(attn)                          # attn: (B, 1, Hq, D) -> (B, 1, Hq * D) -> (B, 1, d)
+//     h = rms_norm(y); out = y + down(silu(gate(h)) * up(h))
+at::Tensor decode_block_mlp(const at::Tensor& residual, const at::Tensor& attn, const std::vector<at::Tensor>& ws,
+                            const std::vector<c10::optional<at::Tensor>>& scales, const std::vector<c10::optional<at::Tensor>>& bs,
+                            const at::Tensor& norm_w, double eps, int64_t max_rows) {
+  TORCH_CHECK(ws.size() == 4 && scales.size() == 4 && bs.size() == 4 && residual.dim() == 3,
+              "decode_block_mlp: residual (B, 1, d) and 4 weights (o, gate, up, down)");
+  const int64_t B = residual.size(0);
+  const at::Tensor y = residual + base_linear(attn.reshape({B, 1, -1}), ws[0], scales[0], bs[0], max_rows);
+  const std::vector<at::Tensor> gate_up = base_linears(rms_norm(y, norm_w, eps), {ws[1], ws[2]}, {scales[1], scales[2]},
+                                                       {bs[1], bs[2]}, max_rows);
+  return y + base_linear(at::silu(gate_up[0]) * gate_up[1], ws[3], scales[3], bs[3], max_rows);
+}
+
 int64_t lanes() { return L; }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -623,5 +680,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "w * (x * rsqrt(mean(x^2, -1) + eps)), transformers' LlamaRMSNorm in one call");
   m.def("decode_attention", &decode_attention, "softmax(q k^T * scale + mask) v for one query token per row (GQA)");
   m.def("decode_rotary", &decode_rotary, "transformers' apply_rotary_pos_emb for one token per row: (q_embed, k_embed)");
+  m.def("decode_block_qkv", &decode_block_qkv, "rms_norm, the q/k/v projections and rotary of a decoder layer for one token per row");
+  m.def("decode_block_mlp", &decode_block_mlp, "residual + o_proj, rms_norm, the SiLU MLP and its residual for one token per row");
   m.def("lanes", &lanes, "vector width in floats of this build (8: AVX2, 16: AVX-512)");
 }
