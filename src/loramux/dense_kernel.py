@@ -8,9 +8,10 @@ bandwidth (figures in BENCHMARKS.md).
 
 How it is used: ``install(model)`` (called by ``MultiLoraModel.__init__``) switches the class of every
 plain ``nn.Linear`` of the base model, the vocabulary projection included, to :class:`DecodeLinear`, an
-``nn.Linear`` subclass whose forward is one call into the kernel. Nothing is copied or re-laid: the
-kernel reads ``weight`` in nn.Linear's own (d_out, d_in) layout, so tied embeddings, in-place merges,
-``state_dict`` and adapter targeting (``isinstance(m, nn.Linear)``) are untouched. Inside that call,
+``nn.Linear`` subclass whose forward is one call into the kernel. Nothing is re-laid: the kernel reads
+``weight`` in nn.Linear's own (d_out, d_in) layout, so tied embeddings, in-place merges, ``state_dict`` and
+adapter targeting (``isinstance(m, nn.Linear)``) are untouched; the large weights are moved once onto huge
+pages (``huge_pages.py``: same values, layout and Parameter objects, ~7% faster streaming at B1). Inside that call,
 inputs with more than ``MAX_ROWS`` rows (prefill), other dtypes or devices, and autograd go to
 ``at::linear`` (MKL) as before.
 
@@ -39,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loramux import cpu_kernel, decode_attention, decode_layers
+from loramux import cpu_kernel, decode_attention, decode_layers, huge_pages
 
 logger = logging.getLogger(__name__)
 
@@ -146,8 +147,10 @@ def install(model: nn.Module) -> int:
     attention = decode_attention.install(model, kernel)
     lean = decode_layers.install(model, kernel, tuple(f for f in _fused_norms.values() if f is not None), DecodeLinear,
                                  MAX_ROWS)
+    moved = huge_pages.move_weights(model)
     logger.debug("decode GEMM kernel on %d linear layers, fused RMSNorm on %d, decode attention on %d configs, "
-                 "lean decode forward on %d layers", len(linears), norms, attention, lean)
+                 "lean decode forward on %d layers, %.0f MiB of weights on huge pages", len(linears), norms, attention,
+                 lean, moved / 2**20)
     return len(linears)
 
 
