@@ -51,6 +51,8 @@ _FUSED_NORMS: tuple[type, ...] = ()  # dense_kernel's fused RMSNorm classes, fro
 _INT8_LINEAR: type | None = None  # quantize.Int8Linear, from install()
 _SILU: tuple[type, ...] = (nn.SiLU,)  # and transformers' SiLUActivation, from install()
 _lean: dict[type, type] = {}  # decoder layer class -> its lean subclass
+_ATTN_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")  # in the order the block calls take them
+_MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 
 def _decode_shaped(layer: nn.Module, hidden_states: torch.Tensor, position_embeddings, past_key_values,
@@ -103,33 +105,43 @@ def _block_plan(layer: nn.Module, attn: nn.Module, mlp: nn.Module, device: torch
     """The kernel arguments of ``decode_block_qkv`` / ``decode_block_mlp`` for this call, or None where the
     module calls must run: the norms are fused norms, the activation SiLU, and each projection a ``DecodeLinear``
     or an int8 base linear, bare or in a ``LoraLayer`` that adds nothing to this batch (no adapter of its rows
-    there), with no hooks on any of them."""
+    there), with no hooks on any of them. Reads the modules' own tables (``_modules``, ``_parameters``,
+    ``_buffers``): it runs for every layer of every step, and ``nn.Module.__getattr__`` is a Python call each."""
     norms = []
-    for norm in (layer.input_layernorm, layer.post_attention_layernorm):
-        if type(norm) not in _FUSED_NORMS or norm._forward_hooks or norm._forward_pre_hooks:
+    for name in ("input_layernorm", "post_attention_layernorm"):
+        norm = layer._modules.get(name)
+        if type(norm) not in _FUSED_NORMS or _hooked(norm):
             return None
-        norms.append((norm.weight, norm.variance_epsilon))
-    act = mlp.act_fn
-    if type(act) not in _SILU or act._forward_hooks or act._forward_pre_hooks:
+        norms.append((norm._parameters["weight"], norm.variance_epsilon))
+    act = mlp._modules.get("act_fn")
+    if type(act) not in _SILU or _hooked(act):
         return None
-    specs = []
-    for module in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj):
-        if module._forward_hooks or module._forward_pre_hooks:
-            return None
-        if type(module) is LoraLayer:
-            if not module.adds_nothing(device):
+    weights, scales, biases = [], [], []
+    for owner, names in ((attn._modules, _ATTN_PROJECTIONS), (mlp._modules, _MLP_PROJECTIONS)):
+        for name in names:
+            module = owner[name]
+            if _hooked(module):
                 return None
-            module = module.base_layer
-            if module._forward_hooks or module._forward_pre_hooks:
+            if type(module) is LoraLayer:
+                if not module.adds_nothing(device):
+                    return None
+                module = module._modules["base_layer"]
+                if _hooked(module):
+                    return None
+            if type(module) is _DECODE_LINEAR:
+                weights.append(module._parameters["weight"])
+                scales.append(None)
+            elif type(module) is _INT8_LINEAR:
+                weights.append(module._buffers["qweight"])
+                scales.append(module._buffers["wscale"])
+            else:
                 return None
-        if type(module) is _DECODE_LINEAR:
-            specs.append((module.weight, None, module.bias))
-        elif type(module) is _INT8_LINEAR:
-            specs.append((module.qweight, module.wscale, module.bias))
-        else:
-            return None
-    weights, scales, biases = (list(column) for column in zip(*specs))
+            biases.append(module._parameters["bias"])
     return (norms[0], (weights[:3], scales[:3], biases[:3]), norms[1], (weights[3:], scales[3:], biases[3:]))
+
+
+def _hooked(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
 def _projections(x: torch.Tensor, modules: tuple[nn.Module, ...]) -> list[torch.Tensor]:
