@@ -227,6 +227,44 @@ def test_every_other_call_runs_transformers_forward(lm_with_adapters, monkeypatc
     assert len(seen) == 2
 
 
+@pytest.mark.parametrize("arch,extra", [
+    ("mistral", dict(sliding_window=4)),
+    ("qwen2", dict(use_sliding_window=True, sliding_window=4, max_window_layers=0)),  # q/k/v with biases
+])
+def test_mistral_and_qwen2_layers_run_lean_and_keep_their_sliding_window(kernel, tmp_path, arch, extra):
+    """Their attention differs from Llama's only by the ``sliding_window=`` it passes to the attention function
+    (the mask carries the window): lean, bit-equal to their own forward over the same modules, and within fp32
+    of plain transformers (SDPA) for the base row, past the window, with an adapter row and base-only steps."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(12)
+    base = AutoModelForCausalLM.from_config(AutoConfig.for_model(
+        arch, vocab_size=96, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=6,
+        num_key_value_heads=2, max_position_embeddings=128, **extra), attn_implementation="sdpa").eval()
+    adapter = make_adapter(base, tmp_path / "qv", seed=13, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    lm = MultiLoraModel(copy.deepcopy(base))
+    lm.load_adapter(adapter, adapter_name="qv")
+    assert [type(m).__name__ for m in lean_layers(lm)] == [f"Lean{type(base.model.layers[0]).__name__}"] * 2
+    for names, fused in ((["__base__", "qv"], False), (["__base__", None], True)):
+        calls = []
+        steps = decode_steps(lm, names, calls, steps=4)  # 7 prompt tokens + 4 steps: past the window of 4
+        for got, want in steps:
+            assert torch.equal(got, want)
+        assert calls.count("decode_block_qkv") == (8 if fused else 0) and calls.count("decode_rotary") == (0 if fused else 8)
+    g = torch.Generator().manual_seed(11)  # decode_steps' draws, again: the base row against plain transformers
+    ids = torch.randint(3, 96, (2, 7), generator=g)
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[-1, :4] = 0
+    with torch.inference_mode():
+        cache = base(input_ids=ids, attention_mask=mask, use_cache=True).past_key_values
+        for got, _ in steps:
+            nxt = torch.randint(3, 96, (2, 1), generator=g)
+            mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], dim=1)
+            want = base(input_ids=nxt, attention_mask=mask, position_ids=mask.sum(1, keepdim=True) - 1,
+                        past_key_values=cache, use_cache=True).logits
+            torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
 def test_only_llama_code_gets_the_lean_forward_and_uninstall_restores(kernel):
     from transformers import AutoConfig, AutoModelForCausalLM
 

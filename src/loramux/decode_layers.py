@@ -14,8 +14,10 @@ one process, alternating: 1 thread fp32 50.0 vs 54.6 ms, int8 29.9 vs 32.2; 2 th
 
 Which layers: a decoder layer whose class's ``forward``, whose attention's ``forward`` (and that module's
 ``apply_rotary_pos_emb`` / ``rotate_half``) and whose MLP's ``forward`` are, to the character,
-transformers' Llama code (Llama, Mistral, SmolLM, ... keep copies of it), with both norms fused
-(``dense_kernel``). Anything else keeps its class: silent wrong output is worse than a slow step.
+transformers' Llama code (SmolLM, ... keep copies of it), with both norms fused (``dense_kernel``); the
+attention may also be Mistral's or Qwen2's, whose only difference is the ``sliding_window=`` they pass to the
+attention function: SDPA ignores it (the mask carries the window) and so does the decode attention, which
+gets SDPA's mask. Anything else keeps its class: silent wrong output is worse than a slow step.
 
 When: a call with one token per row, float32 on CPU, no autograd, not training, the model's attention
 pointed at the decode-attention kernel (``decode_attention.ATTN_NAME``), a KV cache, no
@@ -168,7 +170,8 @@ def _same_source(ours, theirs) -> bool:
 
 
 def _is_llama_code(layer: nn.Module) -> bool:
-    """The layer's, its attention's and its MLP's code are transformers' Llama code, character for character."""
+    """The layer's, its attention's and its MLP's code are transformers' Llama code (the attention's may be Mistral's
+    or Qwen2's), character for character."""
     attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
     if attn is None or mlp is None or not all(hasattr(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj", "config",
                                                                           "head_dim", "scaling", "layer_idx")):
@@ -179,10 +182,13 @@ def _is_llama_code(layer: nn.Module) -> bool:
 @functools.lru_cache(maxsize=None)
 def _llama_classes(layer_cls: type, attn_cls: type, mlp_cls: type) -> bool:
     from transformers.models.llama import modeling_llama as llama
+    from transformers.models.mistral import modeling_mistral as mistral
+    from transformers.models.qwen2 import modeling_qwen2 as qwen2
 
     attn_module = sys.modules.get(attn_cls.__module__)
     return (_same_source(layer_cls.forward, llama.LlamaDecoderLayer.forward)
-            and _same_source(attn_cls.forward, llama.LlamaAttention.forward)
+            and any(_same_source(attn_cls.forward, reference.forward)
+                    for reference in (llama.LlamaAttention, mistral.MistralAttention, qwen2.Qwen2Attention))
             and _same_source(mlp_cls.forward, llama.LlamaMLP.forward)
             and attn_module is not None
             and _same_source(getattr(attn_module, "apply_rotary_pos_emb", None), llama.apply_rotary_pos_emb)
