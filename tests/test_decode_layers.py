@@ -66,9 +66,12 @@ def lm_with_adapters(kernel, tmp_path):
     all_linear = make_adapter(base, tmp_path / "all", seed=4, r=4, lora_alpha=8,
                               target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     qv = make_adapter(base, tmp_path / "qv", seed=5, r=8, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    dora = make_adapter(base, tmp_path / "dora", seed=6, r=4, lora_alpha=8, use_dora=True,
+                        target_modules=["k_proj", "up_proj"])  # not the grouped kernel's: module calls in its layers
     lm = MultiLoraModel(copy.deepcopy(base))
     lm.load_adapter(all_linear, adapter_name="all")
     lm.load_adapter(qv, adapter_name="qv")
+    lm.load_adapter(dora, adapter_name="dora")
     assert len(lean_layers(lm)) == 2
     return base, lm
 
@@ -87,10 +90,13 @@ class Spy:
 
 
 @pytest.mark.parametrize("n_threads", [1, 2])
-def test_decode_steps_are_bit_equal_to_transformers_forward_over_the_same_modules(lm_with_adapters, threads, n_threads):
+@pytest.mark.parametrize("second", ["qv", "dora"])
+def test_decode_steps_are_bit_equal_to_transformers_forward_over_the_same_modules(lm_with_adapters, threads, n_threads,
+                                                                                  second):
     """Left-padded rows over two adapters and the base, several steps: the lean forward gives exactly what the
     same model gives with its layers on transformers' forward (same kernels, same adapters), and what the plain
-    transformers model gives for the base row within fp32 tolerance."""
+    transformers model gives for the base row within fp32 tolerance. Plain LoRA rows: each layer two block calls
+    (the grouped-LoRA kernel called inside them); a DoRA row: the module calls, q/k/v and gate/up grouped."""
     base, lm = lm_with_adapters
     torch.set_num_threads(n_threads)
     g = torch.Generator().manual_seed(9)
@@ -98,7 +104,7 @@ def test_decode_steps_are_bit_equal_to_transformers_forward_over_the_same_module
     mask = torch.ones(3, 10, dtype=torch.long)
     mask[1, :3] = 0
     mask[2, :6] = 0
-    names = ["all", "__base__", "qv"]
+    names = ["all", "__base__", second]
     calls = []
     real = decode_layers._KERNEL
     with torch.inference_mode():
@@ -120,8 +126,10 @@ def test_decode_steps_are_bit_equal_to_transformers_forward_over_the_same_module
                 decode_layers._KERNEL = real
             assert torch.equal(got, want)
             torch.testing.assert_close(got[1], base(past_key_values=plain_cache, **step).logits[1], atol=2e-5, rtol=1e-4)
-    # the lean path ran: every step, both layers, rotary once, q/k/v and gate/up in one call each
-    assert calls == ["decode_linear_group", "decode_rotary", "decode_linear_group"] * 4 * 2
+    if second == "qv":  # every step, both layers: the two block calls
+        assert calls == ["decode_block_qkv", "decode_block_mlp"] * 4 * 2
+    else:  # rotary once, q/k/v and gate/up in one call each
+        assert calls == ["decode_linear_group", "decode_rotary", "decode_linear_group"] * 4 * 2
     assert not torch.allclose(got[0], got[1])  # the adapters change the rows (else equality proves little)
 
 
@@ -179,11 +187,12 @@ def test_steps_with_no_adapter_in_the_batch_take_two_block_calls_a_layer(kernel,
 
 
 def test_an_adapter_row_or_a_hook_keeps_the_module_calls(lm_with_adapters):
-    """A row whose adapter has weights in a layer's projections, or a hook on a norm, the activation or a base
-    linear inside a LoRA wrapper: that layer runs its modules one by one (and the hook runs), same logits."""
+    """A row whose adapter the grouped kernel does not take (DoRA) in a layer's projections, or a hook on a norm,
+    the activation or a base linear inside a LoRA wrapper: that layer runs its modules one by one (and the hook
+    runs), same logits."""
     _, lm = lm_with_adapters
     calls = []
-    for got, want in decode_steps(lm, ["__base__", "qv"], calls):  # qv: LoRA on q/v of every layer
+    for got, want in decode_steps(lm, ["__base__", "dora"], calls):  # dora: k_proj and up_proj of every layer
         assert torch.equal(got, want)
     assert "decode_block_qkv" not in calls and calls.count("decode_rotary") == 3 * 2
     layer = lm.base_model.model.layers[1]
@@ -245,12 +254,12 @@ def test_mistral_and_qwen2_layers_run_lean_and_keep_their_sliding_window(kernel,
     lm = MultiLoraModel(copy.deepcopy(base))
     lm.load_adapter(adapter, adapter_name="qv")
     assert [type(m).__name__ for m in lean_layers(lm)] == [f"Lean{type(base.model.layers[0]).__name__}"] * 2
-    for names, fused in ((["__base__", "qv"], False), (["__base__", None], True)):
+    for names in (["__base__", "qv"], ["__base__", None]):
         calls = []
         steps = decode_steps(lm, names, calls, steps=4)  # 7 prompt tokens + 4 steps: past the window of 4
         for got, want in steps:
             assert torch.equal(got, want)
-        assert calls.count("decode_block_qkv") == (8 if fused else 0) and calls.count("decode_rotary") == (0 if fused else 8)
+        assert calls == ["decode_block_qkv", "decode_block_mlp"] * 4 * 2
     g = torch.Generator().manual_seed(11)  # decode_steps' draws, again: the base row against plain transformers
     ids = torch.randint(3, 96, (2, 7), generator=g)
     mask = torch.ones(2, 7, dtype=torch.long)

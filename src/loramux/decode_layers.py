@@ -6,11 +6,15 @@ linears (rotary alone is ~15 ops: slices, neg, cat, mul, add for q and k), ~10 m
 threads, and none of it is spread over the threads. This forward calls the same submodules (so LoRA
 wrappers, int8 layers, fused norms and forward hooks on the linears all still apply) and does the glue in
 one kernel call (``decode_rotary``) and a handful of views; the q/k/v and gate/up base matmuls take one kernel
-call each (``_projections``). Where no projection of a layer has anything to add for the batch (no adapter of
-its rows there, no hooks: every base-only step, the int8 base included), the layer is two kernel calls around
-its KV cache write and attention (``decode_block_qkv``: norm, q/k/v, rotary; ``decode_block_mlp``: o_proj,
-residual, norm, MLP, residual): ~2 ms less per B1 step of the default model than the module calls (measured
-one process, alternating: 1 thread fp32 50.0 vs 54.6 ms, int8 29.9 vs 32.2; 2 threads int8 21.6 vs 23.0).
+call each (``_projections``). Where every projection of a layer is a base linear (fp32 or int8) whose LoRA
+wrapper adds nothing or plain LoRA for the batch (``LoraLayer.decode_delta``: one grouped-LoRA kernel call),
+with no hooks, the layer is two kernel calls around its KV cache write and attention (``decode_block_qkv``:
+norm, q/k/v, their adapters, rotary; ``decode_block_mlp``: o_proj, residual, norm, MLP, residual, each
+projection's adapters): C++ calls the same kernels and ATen ops, and the grouped-LoRA extension's own
+``grouped_lora_add`` by address, so the bits are those of the module calls. Measured on the default model (one
+process, alternating, 1 thread): B1 base 50.0 vs 54.6 ms, int8 29.9 vs 32.2; B1 over a rank-8 all-linear
+adapter 59.6 vs 70.5 ms; B16 over 4 adapters 150.3 vs 156.8. DoRA, LoRA biases, ``modules_to_save`` copies
+and hooks keep the module calls.
 
 Which layers: a decoder layer whose class's ``forward``, whose attention's ``forward`` (and that module's
 ``apply_rotary_pos_emb`` / ``rotate_half``) and whose MLP's ``forward`` are, to the character,
@@ -41,7 +45,7 @@ import torch
 from torch import nn
 from torch.nn.modules import module as torch_module
 
-from loramux import decode_attention
+from loramux import cpu_kernel, decode_attention
 from loramux.layers import LoraLayer
 
 logger = logging.getLogger(__name__)
@@ -77,8 +81,8 @@ def _lean_forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tenso
                                           position_embeddings=position_embeddings, **kwargs)
     attn, mlp = self.self_attn, self.mlp
     rows = hidden_states.shape[0]
-    plan = _block_plan(self, attn, mlp, hidden_states.device)
-    if plan is not None:  # every projection a plain base linear for this call: two kernel calls around attention
+    plan = _block_plan(self, attn, mlp, hidden_states.device, rows)
+    if plan is not None:  # every projection a base linear plus plain LoRA at most: two kernel calls around attention
         norm1, qkv, norm2, rest = plan
         q, k, v = _KERNEL.decode_block_qkv(hidden_states, *norm1, *qkv, *position_embeddings, attn.head_dim, _MAX_ROWS)
         keys, values = past_key_values.update(k.transpose(1, 2), v.transpose(1, 2), attn.layer_idx)  # (B, Hkv, L, D)
@@ -103,12 +107,13 @@ def _lean_forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tenso
     return residual + mlp.down_proj(mlp.act_fn(gate) * up)
 
 
-def _block_plan(layer: nn.Module, attn: nn.Module, mlp: nn.Module, device: torch.device):
+def _block_plan(layer: nn.Module, attn: nn.Module, mlp: nn.Module, device: torch.device, rows: int):
     """The kernel arguments of ``decode_block_qkv`` / ``decode_block_mlp`` for this call, or None where the
     module calls must run: the norms are fused norms, the activation SiLU, and each projection a ``DecodeLinear``
-    or an int8 base linear, bare or in a ``LoraLayer`` that adds nothing to this batch (no adapter of its rows
-    there), with no hooks on any of them. Reads the modules' own tables (``_modules``, ``_parameters``,
-    ``_buffers``): it runs for every layer of every step, and ``nn.Module.__getattr__`` is a Python call each."""
+    or an int8 base linear, bare or in a ``LoraLayer`` whose adapters for this batch are nothing or one
+    grouped-LoRA kernel call (``LoraLayer.decode_delta``: plain LoRA groups), with no hooks on any of them.
+    Reads the modules' own tables (``_modules``, ``_parameters``, ``_buffers``): it runs for every layer of
+    every step, and ``nn.Module.__getattr__`` is a Python call each."""
     norms = []
     for name in ("input_layernorm", "post_attention_layernorm"):
         norm = layer._modules.get(name)
@@ -118,17 +123,16 @@ def _block_plan(layer: nn.Module, attn: nn.Module, mlp: nn.Module, device: torch
     act = mlp._modules.get("act_fn")
     if type(act) not in _SILU or _hooked(act):
         return None
-    weights, scales, biases = [], [], []
+    weights, scales, biases, loras = [], [], [], []
     for owner, names in ((attn._modules, _ATTN_PROJECTIONS), (mlp._modules, _MLP_PROJECTIONS)):
         for name in names:
-            module = owner[name]
+            module, lora = owner[name], ()
             if _hooked(module):
                 return None
             if type(module) is LoraLayer:
-                if not module.adds_nothing(device):
-                    return None
+                lora = module.decode_delta(device, rows)
                 module = module._modules["base_layer"]
-                if _hooked(module):
+                if lora is None or _hooked(module):
                     return None
             if type(module) is _DECODE_LINEAR:
                 weights.append(module._parameters["weight"])
@@ -139,7 +143,16 @@ def _block_plan(layer: nn.Module, attn: nn.Module, mlp: nn.Module, device: torch
             else:
                 return None
             biases.append(module._parameters["bias"])
-    return (norms[0], (weights[:3], scales[:3], biases[:3]), norms[1], (weights[3:], scales[3:], biases[3:]))
+            loras.append(lora or None)
+    lora_add = _lora_add_address() if any(loras) else 0
+    return (norms[0], (weights[:3], scales[:3], biases[:3], loras[:3], lora_add), norms[1],
+            (weights[3:], scales[3:], biases[3:], loras[3:], lora_add))
+
+
+def _lora_add_address() -> int:
+    """Where the grouped-LoRA extension's ``grouped_lora_add`` is (loaded: ``decode_delta`` needed it). Asked
+    every time, never cached: a reloaded extension moves it."""
+    return cpu_kernel.load().grouped_lora_add_address()
 
 
 def _hooked(module: nn.Module) -> bool:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from loramux.mapping import BatchMapping, call_rows, current_mapping, image_mapping
-from loramux.ops import apply_lora
+from loramux.ops import apply_lora, kernel_call
 from loramux.slots import SlotTable
 
 try:  # GPT-2 style layers store the weight as (d_in, d_out)
@@ -127,12 +127,25 @@ class LoraLayer(_PassThrough):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return self.add_adapters(self.base_layer(x, *args, **kwargs), x, args, kwargs)
 
-    def adds_nothing(self, device: torch.device) -> bool:
-        """``add_adapters`` returns ``y`` as it is in the running forward: no mapping, or no adapter of its rows has
-        weights or a copy here (``decode_layers`` then runs the base linear alone, inside a larger kernel call)."""
+    def decode_delta(self, device: torch.device, rows: int) -> tuple | None:
+        """What ``add_adapters`` does to a decode step's output (one token per row, ``rows`` rows) in the running
+        forward, for ``decode_layers``' kernel calls: ``()`` when it adds nothing; ``(tokens, starts, ends, A,
+        B_t)`` when it is exactly one grouped-LoRA kernel call with these arguments (every group plain LoRA);
+        None otherwise (copies, DoRA, biases, embeddings, no kernel: the module call must run)."""
         mapping = self._mapping()
-        return mapping is None or (not self.copies.count and not (self.slots.count and not mapping.merged
-                                                                  and mapping.groups(device)))
+        if mapping is None:
+            return ()
+        if self.copies.count:
+            return None
+        if not self.slots.count or mapping.merged or not mapping.groups(device):
+            return ()
+        if self.is_embedding:
+            return None
+        mapping = mapping.for_rows(rows)  # what apply_lora routes by
+        call = kernel_call(self.slots, mapping, device, 1)
+        if call is None or any(g.slot not in call[0] and self.slots.get(g.slot) is not None for g in mapping.groups(device)):
+            return None  # a group with weights here that the kernel does not take (DoRA, bias): apply_lora's loop
+        return call[1] if call[0] else ()
 
     def add_adapters(self, y: torch.Tensor, x: torch.Tensor, args: tuple = (), kwargs: dict | None = None) -> torch.Tensor:
         """The base layer's output ``y`` for input ``x`` plus each row's adapter (what ``forward`` returns); for

@@ -116,17 +116,27 @@ KERNEL_MAX_ROW_TOKENS = 1
 def _apply_kernel(y2: torch.Tensor, x2: torch.Tensor, table: SlotTable, mapping: BatchMapping, per_row: int) -> frozenset[int]:
     """Add the plain-LoRA groups' deltas into ``y2`` (B*T, d_out) with one kernel call; returns the
     slots done (none when the kernel is unavailable), the caller does the others."""
-    kernel = cpu_kernel.load()
-    if kernel is None:
+    call = kernel_call(table, mapping, x2.device, per_row)
+    if call is None:
         return frozenset()
-    tokens, ranges = mapping.token_ranges(x2.device, per_row)
+    done, args = call
+    if done:
+        cpu_kernel.load().grouped_lora_add(y2, x2, *args)
+    return done
+
+
+def kernel_call(table: SlotTable, mapping: BatchMapping, device: torch.device, per_row: int) -> tuple | None:
+    """(slots done, (tokens, starts, ends, A, B_t)): the grouped kernel's share of this layer's groups and the
+    arguments after ``y2, x2`` of its call; None when the kernel is unavailable. The arguments are kept on the
+    batch's mapping (once per layer per mapping: the engine's decode batch keeps one over many steps)."""
+    if cpu_kernel.load() is None:
+        return None
+    tokens, ranges = mapping.token_ranges(device, per_row)
     args = mapping._kernel_args.get(table)
-    if args is None:  # once per layer per mapping: the engine's decode batch keeps one over many steps
+    if args is None:
         args = mapping._kernel_args[table] = _kernel_args(table, ranges)
     done, starts, ends, A, B_t = args
-    if done:
-        kernel.grouped_lora_add(y2, x2, tokens, starts, ends, A, B_t)
-    return done
+    return done, (tokens, starts, ends, A, B_t)
 
 
 def _kernel_args(table: SlotTable, ranges: tuple[tuple[int, int, int], ...]) -> tuple:

@@ -27,6 +27,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <optional>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -207,8 +209,11 @@ void tile_range(const T* W, const float* x, float* y, int64_t M, int64_t K, int6
 
 // Several matrices with the same input (q/k/v, gate/up) in one parallel region: their tiles are split over
 // the threads as one range, so no matrix is too small to share and the threads meet once, not once per matrix.
-void gemm_group(const std::vector<const float*>& Ws, const std::vector<float*>& ys, const std::vector<int64_t>& Ns,
-                const std::vector<const float*>& bs, const float* x, int64_t M, int64_t K, int threads) {
+// T: float, or int8_t with per-channel scales (scs[g], else nullptr).
+template <typename T>
+void gemm_group(const std::vector<const T*>& Ws, const std::vector<float*>& ys, const std::vector<int64_t>& Ns,
+                const std::vector<const float*>& scs, const std::vector<const float*>& bs, const float* x, int64_t M,
+                int64_t K, int threads) {
   const int64_t nr_ = tile_rows(M);
   const int64_t G = static_cast<int64_t>(Ws.size());
   std::vector<int64_t> first(G + 1, 0);  // first[g]: global index of matrix g's first tile
@@ -219,7 +224,7 @@ void gemm_group(const std::vector<const float*>& Ws, const std::vector<float*>& 
     const int64_t lo = first[G] * t / T_, hi = first[G] * (t + 1) / T_;
     for (int64_t g = 0; g < G; ++g) {
       const int64_t a = std::max(lo, first[g]), e = std::min(hi, first[g + 1]);
-      if (a < e) tile_range<float>(Ws[g], x, ys[g], M, K, Ns[g], nullptr, bs[g], nr_, a - first[g], e - first[g]);
+      if (a < e) tile_range<T>(Ws[g], x, ys[g], M, K, Ns[g], scs[g], bs[g], nr_, a - first[g], e - first[g]);
     }
   }
 }
@@ -297,7 +302,8 @@ std::vector<at::Tensor> decode_linear_group(const at::Tensor& x, const std::vect
     ys.push_back(out.back().data_ptr<float>());
     Ns.push_back(N);
   }
-  gemm_group(Ws, ys, Ns, bs, xc.data_ptr<float>(), M, K, threads_for(bytes));
+  gemm_group<float>(Ws, ys, Ns, std::vector<const float*>(Ws.size(), nullptr), bs, xc.data_ptr<float>(), M, K,
+                    threads_for(bytes));
   return out;
 }
 
@@ -320,6 +326,45 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& q, const at::Tenso
   gemm<int8_t>(q.data_ptr<int8_t>(), xc.data_ptr<float>(), y.data_ptr<float>(), M, K, N, scale.data_ptr<float>(),
                b.has_value() ? b->data_ptr<float>() : nullptr, threads_for(N * K));
   return y;
+}
+
+// [int8_linear(x, q_i, scale_i, b_i)] in one parallel region (as decode_linear_group for float32): the kernel when x
+// has at most max_rows rows and no autograd is involved, else one int8_linear per matrix; the same bits either way.
+std::vector<at::Tensor> int8_linear_group(const at::Tensor& x, const std::vector<at::Tensor>& qs,
+                                          const std::vector<c10::optional<at::Tensor>>& scales,
+                                          const std::vector<c10::optional<at::Tensor>>& bs, int64_t max_rows) {
+  const int64_t K = x.dim() >= 1 ? x.size(-1) : -1;
+  const int64_t M = K > 0 ? x.numel() / K : 0;
+  bool kernel = K > 0 && M > 0 && M <= max_rows && x.device().type() == at::kCPU && x.scalar_type() == at::kFloat;
+  int64_t bytes = 0;
+  for (size_t g = 0; g < qs.size() && kernel; ++g) {
+    const at::Tensor& q = qs[g];
+    kernel = q.dim() == 2 && q.size(1) == K && q.scalar_type() == at::kChar && q.is_contiguous() &&
+             q.device().type() == at::kCPU && float_vector(scales[g], q.size(0)) && !needs_grad(x, *scales[g], bs[g]) &&
+             (!bs[g].has_value() || float_vector(bs[g], q.size(0)));
+    bytes += kernel ? q.numel() : 0;
+  }
+  std::vector<at::Tensor> out;
+  if (!kernel) {
+    for (size_t g = 0; g < qs.size(); ++g) out.push_back(int8_linear(x, qs[g], *scales[g], bs[g], max_rows));
+    return out;
+  }
+  const at::Tensor xc = x.contiguous();
+  std::vector<const int8_t*> Ws;
+  std::vector<const float*> scs, bps;
+  std::vector<float*> ys;
+  std::vector<int64_t> Ns;
+  for (size_t g = 0; g < qs.size(); ++g) {
+    const int64_t N = qs[g].size(0);
+    out.push_back(at::empty(out_shape(x, N), x.options()));
+    Ws.push_back(qs[g].data_ptr<int8_t>());
+    scs.push_back(scales[g]->data_ptr<float>());
+    bps.push_back(bs[g].has_value() ? bs[g]->data_ptr<float>() : nullptr);
+    ys.push_back(out.back().data_ptr<float>());
+    Ns.push_back(N);
+  }
+  gemm_group<int8_t>(Ws, ys, Ns, scs, bps, xc.data_ptr<float>(), M, K, threads_for(bytes));
+  return out;
 }
 
 // RMSNorm as transformers' Llama family writes it (LlamaRMSNorm.forward and its copies), in one call:
@@ -631,12 +676,43 @@ std::vector<at::Tensor> base_linears(const at::Tensor& x, const std::vector<at::
                                      const std::vector<c10::optional<at::Tensor>>& scales,
                                      const std::vector<c10::optional<at::Tensor>>& bs, int64_t max_rows) {
   TORCH_CHECK(ws.size() == scales.size() && ws.size() == bs.size(), "decode block: one scale and one bias (or None) per weight");
-  bool all_float = true;
-  for (const auto& s : scales) all_float = all_float && !s.has_value();
+  bool all_float = true, all_int8 = true;
+  for (const auto& s : scales) {
+    all_float = all_float && !s.has_value();
+    all_int8 = all_int8 && s.has_value();
+  }
   if (all_float) return decode_linear_group(x, ws, bs, max_rows);
+  if (all_int8) return int8_linear_group(x, ws, scales, bs, max_rows);
   std::vector<at::Tensor> out;
   for (size_t i = 0; i < ws.size(); ++i) out.push_back(base_linear(x, ws[i], scales[i], bs[i], max_rows));
   return out;
+}
+
+// One projection's adapters for the batch, as ops.py's kernel path hands them to grouped_lora_add: (tokens, starts,
+// ends, A, B_t); None where the projection has nothing to add.
+using Lora = std::optional<std::tuple<at::Tensor, std::vector<int64_t>, std::vector<int64_t>, std::vector<at::Tensor>,
+                                      std::vector<at::Tensor>>>;
+using LoraAdd = void (*)(at::Tensor, const at::Tensor&, const at::Tensor&, const std::vector<int64_t>&,
+                         const std::vector<int64_t>&, const std::vector<at::Tensor>&, const std::vector<at::Tensor>&);
+
+// y += the adapters' deltas for input x, in place (y: (B, 1, d_out) fresh and contiguous, x: (B, 1, d_in)): what
+// LoraLayer.add_adapters does for a decode step whose groups are all plain LoRA, through the same function
+at::Tensor add_lora(at::Tensor y, const at::Tensor& x, const Lora& lora, int64_t lora_add) {
+  if (lora.has_value()) {
+    const auto& [tokens, starts, ends, A, B_t] = *lora;
+    reinterpret_cast<LoraAdd>(lora_add)(y.view({-1, y.size(-1)}), x.reshape({-1, x.size(-1)}).contiguous(), tokens, starts,
+                                        ends, A, B_t);
+  }
+  return y;
+}
+
+std::vector<at::Tensor> projections(const at::Tensor& x, const std::vector<at::Tensor>& ws,
+                                    const std::vector<c10::optional<at::Tensor>>& scales,
+                                    const std::vector<c10::optional<at::Tensor>>& bs, const std::vector<Lora>& loras,
+                                    int64_t lora_add, int64_t max_rows) {
+  std::vector<at::Tensor> ys = base_linears(x, ws, scales, bs, max_rows);
+  for (size_t i = 0; i < ys.size(); ++i) add_lora(ys[i], x, loras[i], lora_add);
+  return ys;
 }
 
 }  // namespace
@@ -644,13 +720,18 @@ std::vector<at::Tensor> base_linears(const at::Tensor& x, const std::vector<at::
 // q, k, v of one token per row, ready for the KV cache and attention (LlamaAttention.forward up to the cache):
 //     h = rms_norm(x); q, k, v = h @ Wq.T, h @ Wk.T, h @ Wv.T (+ b)     # x: (B, 1, d) -> (B, 1, H, D) each
 //     q, k = apply_rotary_pos_emb(q, k, cos, sin)                       # cos/sin: (1 or B, 1, D)
+//     (each projection's adapters added to its output before rotary, as LoraLayer does: loras, lora_add)
 std::vector<at::Tensor> decode_block_qkv(const at::Tensor& x, const at::Tensor& norm_w, double eps,
                                          const std::vector<at::Tensor>& ws, const std::vector<c10::optional<at::Tensor>>& scales,
-                                         const std::vector<c10::optional<at::Tensor>>& bs, const at::Tensor& cos,
-                                         const at::Tensor& sin, int64_t head_dim, int64_t max_rows) {
-  TORCH_CHECK(ws.size() == 3 && x.dim() == 3 && x.size(1) == 1, "decode_block_qkv: x (B, 1, d) and 3 weights (q, k, v)");
+                                         const std::vector<c10::optional<at::Tensor>>& bs, const std::vector<Lora>& loras,
+                                         int64_t lora_add, const at::Tensor& cos, const at::Tensor& sin, int64_t head_dim,
+                                         int64_t max_rows) {
+  TORCH_CHECK(ws.size() == 3 && loras.size() == 3 && x.dim() == 3 && x.size(1) == 1,
+              "decode_block_qkv: x (B, 1, d), 3 weights and 3 adapter sets (q, k, v)");
+  TORCH_CHECK(lora_add != 0 || std::none_of(loras.begin(), loras.end(), [](const Lora& l) { return l.has_value(); }),
+              "decode_block_qkv: adapters without grouped_lora_add's address");
   const int64_t B = x.size(0);
-  std::vector<at::Tensor> qkv = base_linears(rms_norm(x, norm_w, eps), ws, scales, bs, max_rows);
+  std::vector<at::Tensor> qkv = projections(rms_norm(x, norm_w, eps), ws, scales, bs, loras, lora_add, max_rows);
   const at::Tensor q = qkv[0].view({B, 1, -1, head_dim}), k = qkv[1].view({B, 1, -1, head_dim});
   std::vector<at::Tensor> rotated = decode_rotary(q, k, cos, sin);
   return {rotated[0], rotated[1], qkv[2].view({B, 1, -1, head_dim})};
@@ -661,14 +742,19 @@ std::vector<at::Tensor> decode_block_qkv(const at::Tensor& x, const at::Tensor& 
 //     h = rms_norm(y); out = y + down(silu(gate(h)) * up(h))
 at::Tensor decode_block_mlp(const at::Tensor& residual, const at::Tensor& attn, const std::vector<at::Tensor>& ws,
                             const std::vector<c10::optional<at::Tensor>>& scales, const std::vector<c10::optional<at::Tensor>>& bs,
-                            const at::Tensor& norm_w, double eps, int64_t max_rows) {
-  TORCH_CHECK(ws.size() == 4 && scales.size() == 4 && bs.size() == 4 && residual.dim() == 3,
-              "decode_block_mlp: residual (B, 1, d) and 4 weights (o, gate, up, down)");
+                            const std::vector<Lora>& loras, int64_t lora_add, const at::Tensor& norm_w, double eps,
+                            int64_t max_rows) {
+  TORCH_CHECK(ws.size() == 4 && scales.size() == 4 && bs.size() == 4 && loras.size() == 4 && residual.dim() == 3,
+              "decode_block_mlp: residual (B, 1, d), 4 weights and 4 adapter sets (o, gate, up, down)");
+  TORCH_CHECK(lora_add != 0 || std::none_of(loras.begin(), loras.end(), [](const Lora& l) { return l.has_value(); }),
+              "decode_block_mlp: adapters without grouped_lora_add's address");
   const int64_t B = residual.size(0);
-  const at::Tensor y = residual + base_linear(attn.reshape({B, 1, -1}), ws[0], scales[0], bs[0], max_rows);
-  const std::vector<at::Tensor> gate_up = base_linears(rms_norm(y, norm_w, eps), {ws[1], ws[2]}, {scales[1], scales[2]},
-                                                       {bs[1], bs[2]}, max_rows);
-  return y + base_linear(at::silu(gate_up[0]) * gate_up[1], ws[3], scales[3], bs[3], max_rows);
+  const at::Tensor o_in = attn.reshape({B, 1, -1});
+  const at::Tensor y = residual + add_lora(base_linear(o_in, ws[0], scales[0], bs[0], max_rows), o_in, loras[0], lora_add);
+  const std::vector<at::Tensor> gate_up = projections(rms_norm(y, norm_w, eps), {ws[1], ws[2]}, {scales[1], scales[2]},
+                                                      {bs[1], bs[2]}, {loras[1], loras[2]}, lora_add, max_rows);
+  const at::Tensor down_in = at::silu(gate_up[0]) * gate_up[1];
+  return y + add_lora(base_linear(down_in, ws[3], scales[3], bs[3], max_rows), down_in, loras[3], lora_add);
 }
 
 int64_t lanes() { return L; }

@@ -138,6 +138,11 @@ void grouped_lora_add(at::Tensor y, const at::Tensor& x, const at::Tensor& token
   }
 }
 
+// The address of grouped_lora_add, for the decode GEMM extension's layer-block calls (decode_gemm.cpp), which add
+// adapters between their matmuls by calling this very function: the same compiled code, so the same bits.
+int64_t grouped_lora_add_address() { return reinterpret_cast<int64_t>(&grouped_lora_add); }
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("grouped_lora_add", &grouped_lora_add, "y[tokens of g] += (x @ A[g].T) @ B_t[g] for every group g, in place");
+  m.def("grouped_lora_add_address", &grouped_lora_add_address, "the address of grouped_lora_add (for decode_gemm's block calls)");
 }
