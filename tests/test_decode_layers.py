@@ -164,11 +164,11 @@ def decode_steps(lm, names, spy_calls: list, steps: int = 3, seed: int = 11):
 
 @pytest.mark.parametrize("n_threads", [1, 2])
 @pytest.mark.parametrize("int8", [False, True])
-@pytest.mark.parametrize("loaded", [False, True])
-def test_steps_with_no_adapter_in_the_batch_take_two_block_calls_a_layer(kernel, tmp_path, threads, n_threads, int8, loaded):
-    """Base rows only (adapters loaded beside them or none at all), fp32 and int8 bases: each layer is one
-    ``decode_block_qkv`` and one ``decode_block_mlp`` call, and the logits are those of transformers' forward over
-    the same modules, bit for bit."""
+@pytest.mark.parametrize("names", [("__base__", None), ("all", "__base__"), None])
+def test_block_calls_over_fp32_and_int8_bases(kernel, tmp_path, threads, n_threads, int8, names):
+    """Base rows (no adapter loaded: names None; or loaded beside them) and a row over a plain all-linear LoRA,
+    fp32 and int8 bases: each layer is one ``decode_block_qkv`` and one ``decode_block_mlp`` call, and the
+    logits are those of transformers' forward over the same modules, bit for bit."""
     from loramux.quantize import quantize_model
 
     torch.set_num_threads(n_threads)
@@ -178,12 +178,15 @@ def test_steps_with_no_adapter_in_the_batch_take_two_block_calls_a_layer(kernel,
     if int8:
         quantize_model(base)
     lm = MultiLoraModel(base)
-    if loaded:
+    if names is not None:
         lm.load_adapter(adapter, adapter_name="all")
     calls = []
-    for got, want in decode_steps(lm, ["__base__", None], calls):
+    for got, want in decode_steps(lm, list(names or ("__base__", None)), calls):
         assert torch.equal(got, want)
     assert calls == ["decode_block_qkv", "decode_block_mlp"] * 3 * 2
+    if names and names[0] == "all":  # the adapter changed its row (same prompts and tokens, both rows base)
+        base_got, _ = decode_steps(lm, ["__base__", "__base__"], [])[-1]
+        assert not torch.allclose(got[0], base_got[0], atol=1e-3) and torch.equal(got[1], base_got[1])
 
 
 def test_an_adapter_row_or_a_hook_keeps_the_module_calls(lm_with_adapters):
