@@ -75,13 +75,14 @@ class Floor:
     def __init__(self) -> None:
         # 256 MiB of float32, on the same kind of pages as loramux's weights (huge pages where the system has them:
         # huge_pages.py), so the floor is the best streaming rate of the machine, not of 4 KiB pages
-        if huge_pages.available():
+        huge = huge_pages.available()
+        if huge:
             import numpy as np
 
             self.big = torch.from_numpy(np.empty(64 * 2**20, dtype=np.float32)).normal_()
         else:
             self.big = torch.empty(64 * 2**20).normal_()
-        self.pages = "2 MiB pages" if huge_pages.available() else "4 KiB pages"
+        self.pages = "2 MiB pages" if huge else "4 KiB pages"
         self.a = torch.randn(2048, 2048)
         self.bw: list[float] = []
         self.peak: list[float] = []

@@ -137,7 +137,7 @@ class LoraLayer(_PassThrough):
             return ()
         if self.copies.count:
             return None
-        if not self.slots.count or mapping.merged or not mapping.groups(device):
+        if not self._lora_applies(mapping, device):
             return ()
         if self.is_embedding:
             return None
@@ -147,6 +147,11 @@ class LoraLayer(_PassThrough):
             return None  # a group with weights here that the kernel does not take (DoRA, bias): apply_lora's loop
         return call[1] if call[0] else ()
 
+    def _lora_applies(self, mapping: BatchMapping, device: torch.device) -> bool:
+        """Some row of the running forward has LoRA weights here (an adapter merged into the base adds none).
+        mapping.groups is cached per call: an all-`__base__` batch skips the LoRA path in one lookup."""
+        return bool(self.slots.count and not mapping.merged and mapping.groups(device))
+
     def add_adapters(self, y: torch.Tensor, x: torch.Tensor, args: tuple = (), kwargs: dict | None = None) -> torch.Tensor:
         """The base layer's output ``y`` for input ``x`` plus each row's adapter (what ``forward`` returns); for
         callers that computed ``y`` themselves (``decode_layers``: several base matmuls in one kernel call)."""
@@ -154,8 +159,7 @@ class LoraLayer(_PassThrough):
         mapping = self._mapping()
         if mapping is None:
             return y
-        # mapping.groups is cached per call: an all-`__base__` batch skips the LoRA path in one lookup
-        if self.slots.count and not mapping.merged and mapping.groups(x.device):
+        if self._lora_applies(mapping, x.device):
             y = self._embedding_delta(y, x, mapping) if self.is_embedding else apply_lora(y, x, self.slots, mapping, False, self.bias)
         if self.copies.count:
             y = replace_rows(y, x, args, kwargs, self.copies, mapping)

@@ -704,6 +704,7 @@ using LoraAdd = void (*)(at::Tensor, const at::Tensor&, const at::Tensor&, const
 // LoraLayer.add_adapters does for a decode step whose groups are all plain LoRA, through the same function
 at::Tensor add_lora(at::Tensor y, const at::Tensor& x, const Lora& lora, int64_t lora_add) {
   if (lora.has_value()) {
+    TORCH_CHECK(lora_add != 0, "decode block: adapters without grouped_lora_add's address");
     const auto& [tokens, starts, ends, A, B_t] = *lora;
     reinterpret_cast<LoraAdd>(lora_add)(y.view({-1, y.size(-1)}), x.reshape({-1, x.size(-1)}).contiguous(), tokens, starts,
                                         ends, A, B_t);
@@ -733,8 +734,6 @@ std::vector<at::Tensor> decode_block_qkv(const at::Tensor& x, const at::Tensor& 
                                          int64_t max_rows) {
   TORCH_CHECK(ws.size() == 3 && loras.size() == 3 && x.dim() == 3 && x.size(1) == 1,
               "decode_block_qkv: x (B, 1, d), 3 weights and 3 adapter sets (q, k, v)");
-  TORCH_CHECK(lora_add != 0 || std::none_of(loras.begin(), loras.end(), [](const Lora& l) { return l.has_value(); }),
-              "decode_block_qkv: adapters without grouped_lora_add's address");
   const int64_t B = x.size(0);
   std::vector<at::Tensor> qkv = projections(rms_norm(x, norm_w, eps), ws, scales, bs, loras, lora_add, max_rows);
   const at::Tensor q = qkv[0].view({B, 1, -1, head_dim}), k = qkv[1].view({B, 1, -1, head_dim});
@@ -751,8 +750,6 @@ at::Tensor decode_block_mlp(const at::Tensor& residual, const at::Tensor& attn, 
                             int64_t max_rows) {
   TORCH_CHECK(ws.size() == 4 && scales.size() == 4 && bs.size() == 4 && loras.size() == 4 && residual.dim() == 3,
               "decode_block_mlp: residual (B, 1, d), 4 weights and 4 adapter sets (o, gate, up, down)");
-  TORCH_CHECK(lora_add != 0 || std::none_of(loras.begin(), loras.end(), [](const Lora& l) { return l.has_value(); }),
-              "decode_block_mlp: adapters without grouped_lora_add's address");
   const int64_t B = residual.size(0);
   const at::Tensor o_in = attn.reshape({B, 1, -1});
   const at::Tensor y = residual + add_lora(base_linear(o_in, ws[0], scales[0], bs[0], max_rows), o_in, loras[0], lora_add);
