@@ -124,6 +124,9 @@ def bench_load(lm, pm_base, adapters) -> tuple[dict, object]:
     pm = PeftModel.from_pretrained(pm_base, str(adapters[0][1]), adapter_name=adapters[0][0])  # also PEFT's warm-up
     peft_load = lambda path, name: pm.load_adapter(str(path), adapter_name=name)  # noqa: E731
     res = {"lm": [statistics.median(ts) for ts in zip(*rounds)], "peft": [None] + timed_loads(peft_load, adapters[1:])}
+    # issue 13 target 5: a load against the time to read the file's bytes (``read_bytes``, warm page cache)
+    res["read"] = [statistics.median(timed((path / "adapter_model.safetensors").read_bytes) for _ in range(5))
+                   for _, path, _ in adapters]
     torch.set_num_threads(1)
     for name, _, _ in adapters[1:]:
         lm.delete_adapter(name)
@@ -261,6 +264,8 @@ def rows(res: dict) -> list[tuple[str, str, str, str, str, bool]]:
     s, p, d, m = res["set"], res["prefill"], res["decode"], res["memory"]
     p1, d1 = res["prefill_1t"], res["decode_1t"]
     mem_ratio = (m["rss_after"] - m["rss_before"]) / m["param_bytes"]
+    by_rank = [statistics.median(lm_load[i::k]) / statistics.median(res["load"]["read"][i::k]) for i in range(k)]
+    worst_read, read_ratios = max(by_rank), " ".join(f"{r:.1f}" for r in by_rank)
     out = [
         ("1. load_adapter, median of 15 (warm cache)", f"{lm_med * 1e3:.1f} ms", f"{peft_med * 1e3:.0f} ms",
          f"PEFT/loramux {peft_med / lm_med:.0f}x", ">= 30x", peft_med / lm_med >= 30),
@@ -269,6 +274,8 @@ def rows(res: dict) -> list[tuple[str, str, str, str, str, bool]]:
         ("   load growth: last 4 loads / first 4 (ranks 8..64)", f"{lm_last * 1e3:.0f}/{lm_first * 1e3:.0f} ms = {lm_last / lm_first:.2f}",
          f"{peft_last * 1e3:.0f}/{peft_first * 1e3:.0f} ms = {peft_last / peft_first:.2f}", "loramux last/first",
          "flat (<= 1.3)", lm_last / lm_first <= 1.3),
+        ("1''. load_adapter / read_bytes of its file, worst rank", f"{worst_read:.2f}", "",
+         f"ranks 8..64: {read_ratios}", "<= 2 (issue 13)", worst_read <= 2),
         ("2. set_adapter (16 loaded)", f"{s['lm'] * 1e6:.2f} us", f"{s['peft'] * 1e3:.1f} ms",
          f"PEFT/loramux {s['peft'] / s['lm']:.0f}x", ">= 1000x", s["peft"] / s["lm"] >= 1000),
         ("3. prefill B8xT128, 8 adapters / base", f"{p['lm_mixed'] / p['base']:.3f}", f"{p['peft_mixed'] / p['base']:.3f}",
@@ -302,6 +309,8 @@ def extra_lines(res: dict) -> list[str]:
         lines.append(f"RSS added by a mixed-8 decode step after a `__base__` one (forward-path caches): "
                      f"{(m['forward']['mixed'] - m['forward']['base_rows']) / 2**20:.0f} MiB")
     lines.append("loramux load times in load order (ms): " + " ".join(f"{t * 1e3:.0f}" for t in res["load"]["lm"]))
+    lines.append("read_bytes of each adapter's file, warm page cache, in load order (ms): "
+                 + " ".join(f"{t * 1e3:.1f}" for t in res["load"]["read"]))
     lines.append("PEFT load_adapter times in load order (ms; #0 is from_pretrained, untimed): "
                  + " ".join(f"{t * 1e3:.0f}" for t in res["load"]["peft"][1:]))
     return lines

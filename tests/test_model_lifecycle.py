@@ -124,3 +124,45 @@ def test_load_from_a_parsed_adapter_file(setup):
     ids = torch.randint(3, VOCAB, (1, 5))
     with torch.no_grad():
         torch.testing.assert_close(m(input_ids=ids, adapter_names="p").logits, m(input_ids=ids, adapter_names="d").logits)
+
+
+def test_a_parsed_adapter_file_is_left_as_it_was_and_loads_again(setup):
+    """A parsed AdapterFile (the host cache tier keeps them) is read, never scaled in place: loading it twice
+    gives the weights of a load from the directory (which scales B over the file's own tensors), bit for bit."""
+    from loramux.adapter import read_adapter
+
+    base, a, _ = setup
+    parsed = read_adapter(a)
+    before = {name: (mw.lora_A.clone(), mw.lora_B.clone()) for name, mw in parsed.modules.items()}
+    m = MultiLoraModel(copy.deepcopy(base))
+    m.load_adapter(parsed, adapter_name="p1")
+    m.load_adapter(parsed, adapter_name="p2")
+    m.load_adapter(a, adapter_name="d")
+    for name, mw in parsed.modules.items():
+        assert torch.equal(mw.lora_A, before[name][0]) and torch.equal(mw.lora_B, before[name][1]), name
+        entries = [m._wrappers[name].slots.entries[m.adapters[n].slot] for n in ("p1", "p2", "d")]
+        for e in entries:
+            assert e.B.T.is_contiguous() and e.B.shape == mw.lora_B.shape
+            assert torch.equal(e.B, entries[2].B) and torch.equal(e.A, entries[2].A)
+        scaling = m.adapters["d"].scalings[name]
+        assert torch.equal(entries[2].B, before[name][1] * scaling)
+
+
+def test_a_hand_built_adapter_file_is_checked_for_non_finite_A(setup):
+    """read_adapter marks the files it checked; an AdapterFile built by hand is checked in full by the load."""
+    import dataclasses
+
+    from loramux.adapter import read_adapter
+    from loramux.errors import AdapterWeightsError
+
+    base, a, _ = setup
+    parsed = read_adapter(a)
+    name = next(iter(parsed.modules))
+    bad_A = parsed.modules[name].lora_A.clone()
+    bad_A[0, 0] = float("nan")
+    modules = dict(parsed.modules, **{name: dataclasses.replace(parsed.modules[name], lora_A=bad_A)})
+    hand_built = dataclasses.replace(parsed, modules=modules, finite_checked=False)
+    m = MultiLoraModel(copy.deepcopy(base))
+    with pytest.raises(AdapterWeightsError, match=rf"module '{name}': lora_A is not finite"):
+        m.load_adapter(hand_built, adapter_name="bad")
+    assert "bad" not in m.adapters and all(w.slots.count == 0 for w in m._wrappers.values())

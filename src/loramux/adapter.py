@@ -19,6 +19,7 @@ The format is exactly what ``PeftModel.save_pretrained`` writes::
 """
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from dataclasses import dataclass, field
@@ -67,6 +68,7 @@ class AdapterFile:
     config: AdapterConfig
     modules: dict[str, ModuleWeights]                      # module name in the base model -> weights
     extra: dict[str, torch.Tensor]                         # other keys (modules_to_save candidates)
+    finite_checked: bool = False  # read_adapter found every tensor finite (plan_load need not check A again)
 
     @property
     def nbytes(self) -> int:
@@ -84,6 +86,7 @@ _LORA_SUFFIXES = {
 _LORA_ROLES = set(_LORA_SUFFIXES.values())
 
 
+@functools.lru_cache(maxsize=1 << 16)  # a load asks three times per key (structure, base check, grouping)
 def key_role(key: str) -> tuple[str, str, bool]:
     """(module, role, embedding) of a weights-file key. role: lora_A, lora_B, lora_B_bias, magnitude,
     ``base_layer.<param>`` (a saved copy of a base parameter) or ``extra`` (module = the whole name: a
@@ -248,4 +251,4 @@ def _read_weights(path: Path, config: AdapterConfig, allow_pickle: bool, check: 
             setattr(mw, role, tensor)
             mw.embedding = mw.embedding or embedding
     logger.debug("read adapter %s: %d modules, %d extra tensors", path, len(modules), len(extra))
-    return AdapterFile(path=path, config=config, modules=modules, extra=extra)
+    return AdapterFile(path=path, config=config, modules=modules, extra=extra, finite_checked=True)

@@ -101,10 +101,11 @@ class MultiLoraModel(nn.Module):
         path = adapter.path if adapter is not None else path
         name = adapter_name if adapter_name is not None else Path(path).name
         self._check_new_name(name, replace)
+        read_here = adapter is None  # then its tensors are this load's alone: B is scaled in their own memory
         # shapes and dtypes are checked against this base from the file's header, before its data is read
         adapter = adapter or read_adapter(path, allow_pickle=allow_pickle,
                                           check=functools.partial(check_against_base, base_modules=self._originals))
-        plan = plan_load(adapter, self._originals)
+        plan = plan_load(adapter, self._originals, reuse_tensors=read_here)
         info = self._commit(name, plan, path=str(path), use_dora=adapter.config.use_dora, replace=replace)
         logger.info("loaded adapter %r from %s: %d modules, %.1f MB", name, path, len(plan.lora), info.nbytes / 1e6)
         return info
@@ -117,7 +118,7 @@ class MultiLoraModel(nn.Module):
         is the caller's to drop; no slot, wrapper or name of this model changes.
         """
         check = functools.partial(check_against_base, base_modules=self._originals)  # before any tensor is read
-        return plan_load(read_adapter(path, allow_pickle=allow_pickle, check=check), self._originals)
+        return plan_load(read_adapter(path, allow_pickle=allow_pickle, check=check), self._originals, reuse_tensors=True)
 
     def _check_new_name(self, name: str, replace: bool) -> None:
         if not isinstance(name, str) or not name or name == BASE_ADAPTER:

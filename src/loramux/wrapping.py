@@ -18,7 +18,7 @@ from loramux.errors import TargetModuleError
 from loramux.experts import ExpertsLayer, ExpertsSlot
 from loramux.layers import SUPPORTED_TYPES, LoraLayer, ModulesToSaveLayer
 from loramux.loading import LoadPlan
-from loramux.targets import tower_of
+from loramux.targets import BaseModules, tower_of
 
 
 class ModuleWrappers(Mapping):
@@ -27,7 +27,7 @@ class ModuleWrappers(Mapping):
     def __init__(self, base_model: nn.Module) -> None:
         self.base_model = base_model
         # original module names -> original modules; wrapping does not change what names mean
-        self.originals: dict[str, nn.Module] = {n: m for n, m in base_model.named_modules() if n}
+        self.originals = BaseModules((n, m) for n, m in base_model.named_modules() if n)
         self._wrappers: dict[str, nn.Module] = {}
 
     def __getitem__(self, module: str) -> nn.Module:
