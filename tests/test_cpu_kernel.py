@@ -82,8 +82,8 @@ def test_a_tokens_result_does_not_depend_on_the_batch_or_threads(kernel):
         torch.set_num_threads(threads)
 
 
-def test_decode_uses_the_kernel_and_prefill_does_not(kernel, monkeypatch):
-    calls = []
+def test_decode_uses_the_kernel_and_prefill_the_rows_call_on_several_threads(kernel, monkeypatch):
+    calls, rows_calls = [], []
 
     class Counting:
         @staticmethod
@@ -91,13 +91,67 @@ def test_decode_uses_the_kernel_and_prefill_does_not(kernel, monkeypatch):
             calls.append(len(args[3]))
             return kernel.grouped_lora_add(*args)
 
+        @staticmethod
+        def grouped_lora_add_rows(*args):
+            rows_calls.append(len(args[2]))
+            return kernel.grouped_lora_add_rows(*args)
+
     monkeypatch.setattr(cpu_kernel, "load", lambda: Counting)
     table = _table(16, 8, RANKS)
     mapping = BatchMapping((0, 1, 1, BASE_SLOT))
     apply_lora(torch.zeros(4, 1, 8), torch.randn(4, 1, 16), table, mapping)
-    assert calls == [2]  # one call for both groups of the layer
-    apply_lora(torch.zeros(4, 7, 8), torch.randn(4, 7, 16), table, mapping)  # prefill: 7 tokens per row
-    assert calls == [2]
+    assert calls == [2] and rows_calls == []  # one call for both groups of the layer
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)  # prefill on one thread: torch's calls, group after group
+        apply_lora(torch.zeros(4, 7, 8), torch.randn(4, 7, 16), table, mapping)  # 7 tokens per row
+        assert calls == [2] and rows_calls == []
+        torch.set_num_threads(2)  # the groups spread over the threads, in one call
+        apply_lora(torch.zeros(4, 7, 8), torch.randn(4, 7, 16), table, mapping)
+        assert calls == [2] and rows_calls == [2]
+        apply_lora(torch.zeros(4, 7, 8), torch.randn(4, 7, 16), table, BatchMapping((1, 1, BASE_SLOT, BASE_SLOT)))
+        assert rows_calls == [2]  # a single group keeps MKL's own threading
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("inference", [False, True])
+def test_prefill_rows_call_equals_the_torch_path_bit_for_bit(kernel, inference):
+    """Prefill on 2 threads (groups spread over the threads, the largest halved) against 1 thread (torch's
+    calls one group after another): the same MKL calls per row, so the same bits; DoRA, bias, scattered and
+    base rows in the same layer take the torch path either way."""
+    d_in, d_out, T = 576, 1536, 64
+    table = _table(d_in, d_out, {0: 8, 1: 64, 2: 16, 4: 3})
+    g = torch.Generator().manual_seed(5)
+    table.write(5, SlotWeights(A=torch.randn(4, d_in, generator=g), B=torch.randn(d_out, 4, generator=g),
+                               dora_scale=1 + torch.rand(d_out, generator=g)))
+    # slot 1's 4 rows (256 tokens, rank 64) cost more than a thread's share: halved; slot 4 is scattered
+    row_slots = (0, 1, 1, 1, 1, 4, 2, 2, BASE_SLOT, 4, 5, 3)
+    x = torch.randn(len(row_slots), T, d_in, generator=g)
+    y0 = torch.randn(len(row_slots), T, d_out, generator=g)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n_threads in (1, 2):
+            torch.set_num_threads(n_threads)
+            with torch.inference_mode(inference):
+                xi, yi = (x.clone(), y0.clone()) if inference else (x, y0.clone())
+                results.append(apply_lora(yi, xi, table, BatchMapping(row_slots)).clone())
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(results[0], results[1])
+    expected = lora_delta_reference(x, y0, table, row_slots)
+    torch.testing.assert_close(results[1], expected, atol=1e-5 * expected.abs().max().item(), rtol=1e-5)
+    assert torch.equal(results[1][8], y0[8]) and not torch.allclose(results[1][1], y0[1])
+
+
+def test_rows_call_rejects_bad_ranges_before_writing(kernel):
+    y, x = torch.zeros(4, 8), torch.randn(4, 16)
+    with pytest.raises(RuntimeError, match="bad token range"):
+        kernel.grouped_lora_add_rows(y, x, [0, 2], [2, 5], [torch.randn(4, 16)] * 2, [torch.randn(4, 8)] * 2)
+    with pytest.raises(RuntimeError, match=r"B_t\[1\] must be float32 \(4, 8\)"):
+        kernel.grouped_lora_add_rows(y, x, [0, 2], [2, 4], [torch.randn(4, 16)] * 2, [torch.randn(4, 8), torch.randn(4, 9)])
+    assert torch.equal(y, torch.zeros(4, 8))
 
 
 def test_dora_and_bias_groups_take_the_torch_path_in_the_same_layer(kernel):

@@ -26,7 +26,9 @@ transposed views made once per adapter (``SlotWeights.A_t`` / ``B_t``).
 Decode steps (at most ``KERNEL_MAX_ROW_TOKENS`` tokens per row, float32 on the CPU) hand every plain
 group of the layer to the compiled kernel in one call (``loramux.cpu_kernel``, same semantics; a
 token's result does not depend on the rest of the batch). Prefill keeps MKL, which wins once a
-group has more than ~16 tokens of rank 64. DoRA, bias and embedding groups always take the torch path.
+group has more than ~16 tokens of rank 64; with more than one thread and more than one plain group,
+the groups' MKL calls are spread over the threads whole (``grouped_lora_add_rows``) instead of each call
+being split over them. DoRA, bias and embedding groups always take the torch path.
 """
 from __future__ import annotations
 
@@ -86,6 +88,8 @@ def _apply_grouped(y: torch.Tensor, x: torch.Tensor, table: SlotTable, mapping: 
         done = _apply_kernel(y2, x2, table, mapping, per_row)
         if len(done) == len(groups):
             return y
+    elif flat and len(groups) > 1 and x.dtype == torch.float32 and x.device.type == "cpu" and torch.get_num_threads() > 1:
+        done = _apply_rows_kernel(y2, x2, table, groups, per_row)
     for group in groups:
         w = table.get(group.slot)
         if w is None or group.slot in done:
@@ -123,6 +127,28 @@ def _apply_kernel(y2: torch.Tensor, x2: torch.Tensor, table: SlotTable, mapping:
     if done:
         cpu_kernel.load().grouped_lora_add(y2, x2, *args)
     return done
+
+
+def _apply_rows_kernel(y2: torch.Tensor, x2: torch.Tensor, table: SlotTable, groups, per_row: int) -> frozenset[int]:
+    """Prefill: the plain-LoRA groups whose rows are contiguous, in one call that gives the threads whole groups
+    (``grouped_lora_add_rows``: the same two torch calls per group, each single-threaded, instead of every
+    small matmul split over the threads); returns the slots done, none without the kernel or with one group."""
+    module = cpu_kernel.load()
+    if module is None:
+        return frozenset()
+    slots, starts, ends, A, B_t = [], [], [], [], []
+    for group in groups:
+        w = table.get(group.slot)
+        if w is not None and w.kernel_ready and isinstance(group.rows, slice):
+            slots.append(group.slot)
+            starts.append(group.rows.start * per_row)
+            ends.append(group.rows.stop * per_row)
+            A.append(w.A)      # (r, d_in)
+            B_t.append(w.B_t)  # (r, d_out), pre-scaled
+    if len(slots) < 2:  # one group: MKL splitting its matmuls over the threads is the better use of them
+        return frozenset()
+    module.grouped_lora_add_rows(y2, x2, starts, ends, A, B_t)
+    return frozenset(slots)
 
 
 def kernel_call(table: SlotTable, mapping: BatchMapping, device: torch.device, per_row: int) -> tuple | None:
