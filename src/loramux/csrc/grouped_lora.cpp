@@ -68,12 +68,19 @@ inline void store8(float* p, v8 v) { std::memcpy(p, &v, sizeof(v)); }
 // y[q][lo:hi] = (((y[q] + h[q][j] B0) + h[q][j+1] B1) + h[q][j+2] B2) + h[q][j+3] B3 for N tokens q, B0..B3 the
 // rank rows j..j+3 of B_t: each 8 columns of B are loaded once for the N tokens (one token per pass read
 // them N times); per element the same operations in the same order as for one token alone.
+// ``ahead``: the next four rows (same columns), a cache line of each fetched every 16 columns while these are
+// read, for 2+ tokens (B arrays are small, 18-400 KB, so the hardware prefetcher barely starts on each; measured
+// on a B16 step's 210 layers, 1 thread: 10.9-11.7 vs 11.8-12.6 ms; with one token the extra instructions cost
+// more than the wait, and prefetching A in the shrink did not pay either).
 template <int N>
-inline void expand4(float* const* y, const float* const* h, int64_t j, const float* const* b, int64_t lo, int64_t hi) {
+inline void expand4(float* const* y, const float* const* h, int64_t j, const float* const* b, int64_t lo, int64_t hi,
+                    const float* const* ahead) {
   float h0[N], h1[N], h2[N], h3[N];
   for (int q = 0; q < N; ++q) h0[q] = h[q][j], h1[q] = h[q][j + 1], h2[q] = h[q][j + 2], h3[q] = h[q][j + 3];
   int64_t c = lo;
   for (; c + 8 <= hi; c += 8) {
+    if (N > 1 && ((c - lo) & 15) == 0)
+      for (int row = 0; row < 4; ++row) __builtin_prefetch(ahead[row] + c, 0, 3);
     const v8 b0 = load8(b[0] + c), b1 = load8(b[1] + c), b2 = load8(b[2] + c), b3 = load8(b[3] + c);
     for (int q = 0; q < N; ++q)
       store8(y[q] + c, (((load8(y[q] + c) + h0[q] * b0) + h1[q] * b1) + h2[q] * b2) + h3[q] * b3);
@@ -177,11 +184,13 @@ void grouped_lora_add(at::Tensor y, const at::Tensor& x, const at::Tensor& token
         for (; j + 4 <= r; j += 4) {
           const float* b0 = b + j * d_out;
           const float* rows[4] = {b0, b0 + d_out, b0 + 2 * d_out, b0 + 3 * d_out};
+          const float* next = j + 8 <= r ? b0 + 4 * d_out : b0;
+          const float* ahead[4] = {next, next + d_out, next + 2 * d_out, next + 3 * d_out};
           switch (n) {
-            case 4: expand4<4>(ys, hs, j, rows, task.lo, task.hi); break;
-            case 3: expand4<3>(ys, hs, j, rows, task.lo, task.hi); break;
-            case 2: expand4<2>(ys, hs, j, rows, task.lo, task.hi); break;
-            default: expand4<1>(ys, hs, j, rows, task.lo, task.hi);
+            case 4: expand4<4>(ys, hs, j, rows, task.lo, task.hi, ahead); break;
+            case 3: expand4<3>(ys, hs, j, rows, task.lo, task.hi, ahead); break;
+            case 2: expand4<2>(ys, hs, j, rows, task.lo, task.hi, ahead); break;
+            default: expand4<1>(ys, hs, j, rows, task.lo, task.hi, ahead);
           }
         }
         for (; j < r; ++j) {
