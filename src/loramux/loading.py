@@ -219,8 +219,8 @@ def _plan_load(adapter: AdapterFile, base_modules: dict[str, nn.Module], reuse_t
     plan = LoadPlan(config=cfg)
     largest_B = max((mw.lora_B.numel() for mw in adapter.modules.values() if mw.lora_B is not None), default=0)
     scratch = torch.empty(largest_B, dtype=torch.float32) if reuse_tensors else None
-    # the file's tensors read_adapter found finite: those kept as they are (A) are not summed again
-    checked = {id(t) for mw in adapter.modules.values() for t in (mw.lora_A, mw.lora_B) if t is not None} if adapter.finite_checked else set()
+    # A tensors read_adapter found finite and the plan keeps as they are (same object) are not summed again
+    checked = {id(mw.lora_A) for mw in adapter.modules.values()} if adapter.finite_checked else set()
     _check_targets(cfg, base_modules, adapter.path)
     nested: dict[str, dict] = {}  # fused-experts module -> {PEFT nesting depth: weights}
     for name, mw in adapter.modules.items():

@@ -93,18 +93,27 @@ struct Task {
   int64_t group, lo, hi;  // shrink: rank rows [lo, hi); expand: output columns [lo, hi)
 };
 
+// What both entry points take: one (start, end, A, B_t) per group, x (N, d_in) and y (N, d_out) float32, y
+// contiguous (written in place). Returns the group count.
+int64_t check_call(const char* who, const at::Tensor& y, const at::Tensor& x, const std::vector<int64_t>& starts,
+                   const std::vector<int64_t>& ends, const std::vector<at::Tensor>& A, const std::vector<at::Tensor>& B_t) {
+  const int64_t G = static_cast<int64_t>(A.size());
+  TORCH_CHECK(static_cast<int64_t>(B_t.size()) == G && static_cast<int64_t>(starts.size()) == G &&
+                  static_cast<int64_t>(ends.size()) == G,
+              who, ": A, B_t, starts and ends must have one entry per group");
+  TORCH_CHECK(x.dim() == 2 && y.dim() == 2 && x.size(0) == y.size(0), who, ": x (N, d_in), y (N, d_out)");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && y.scalar_type() == at::kFloat && y.is_contiguous(),
+              who, ": x and y must be float32, y contiguous");
+  return G;
+}
+
 }  // namespace
 
 void grouped_lora_add(at::Tensor y, const at::Tensor& x, const at::Tensor& tokens, const std::vector<int64_t>& starts,
                       const std::vector<int64_t>& ends, const std::vector<at::Tensor>& A,
                       const std::vector<at::Tensor>& B_t) {
-  const int64_t G = static_cast<int64_t>(A.size());
-  TORCH_CHECK(static_cast<int64_t>(B_t.size()) == G && static_cast<int64_t>(starts.size()) == G &&
-                  static_cast<int64_t>(ends.size()) == G,
-              "grouped_lora_add: A, B_t, starts and ends must have one entry per group");
-  TORCH_CHECK(x.dim() == 2 && y.dim() == 2 && x.size(0) == y.size(0), "grouped_lora_add: x (N, d_in), y (N, d_out)");
-  TORCH_CHECK(x.scalar_type() == at::kFloat && y.scalar_type() == at::kFloat && x.is_contiguous() && y.is_contiguous(),
-              "grouped_lora_add: x and y must be contiguous float32");
+  const int64_t G = check_call("grouped_lora_add", y, x, starts, ends, A, B_t);
+  TORCH_CHECK(x.is_contiguous(), "grouped_lora_add: x must be contiguous");
   TORCH_CHECK(tokens.scalar_type() == at::kLong && tokens.is_contiguous(), "grouped_lora_add: tokens must be int64");
   const int64_t d_in = x.size(1), d_out = y.size(1), N = x.size(0);
   const float* xp = x.data_ptr<float>();
@@ -219,13 +228,7 @@ void grouped_lora_add(at::Tensor y, const at::Tensor& x, const at::Tensor& token
 void grouped_lora_add_rows(at::Tensor y, const at::Tensor& x, const std::vector<int64_t>& starts,
                            const std::vector<int64_t>& ends, const std::vector<at::Tensor>& A,
                            const std::vector<at::Tensor>& B_t) {
-  const int64_t G = static_cast<int64_t>(A.size());
-  TORCH_CHECK(static_cast<int64_t>(B_t.size()) == G && static_cast<int64_t>(starts.size()) == G &&
-                  static_cast<int64_t>(ends.size()) == G,
-              "grouped_lora_add_rows: A, B_t, starts and ends must have one entry per group");
-  TORCH_CHECK(x.dim() == 2 && y.dim() == 2 && x.size(0) == y.size(0), "grouped_lora_add_rows: x (N, d_in), y (N, d_out)");
-  TORCH_CHECK(x.scalar_type() == at::kFloat && y.scalar_type() == at::kFloat && y.is_contiguous(),
-              "grouped_lora_add_rows: x and y must be float32, y contiguous");
+  const int64_t G = check_call("grouped_lora_add_rows", y, x, starts, ends, A, B_t);
   const int64_t d_in = x.size(1), d_out = y.size(1), N = x.size(0);
   struct Rows {
     int64_t group, t0, t1;
