@@ -83,19 +83,21 @@ def test_leading_dims_and_non_contiguous_inputs(kernel):
 
 
 def test_a_rows_result_does_not_depend_on_the_batch_or_threads(kernel, threads):
-    """Bit for bit, as the engine's 'mixed equals alone' guarantee needs, in every tile position."""
+    """Bit for bit, as the engine's 'mixed equals alone' guarantee needs, in every tile position (one row has its
+    own tile shape: 8 W rows, its tail tiles of 1-7 rows, and the K tail below one vector)."""
     g = torch.Generator().manual_seed(2)
-    w, b = torch.randn(577, 1536, generator=g), torch.randn(577, generator=g)
-    x = torch.randn(33, 1536, generator=g)
-    results = {}
-    for n in (1, 2):
-        torch.set_num_threads(n)
-        results[n] = kernel.decode_linear(x, w, b, 64)
-        for m in (1, 2, 5, 7, 16, 33):
-            assert torch.equal(kernel.decode_linear(x[:m], w, b, 64), results[n][:m]), f"{m} rows, {n} threads"
-        for i in (0, 4, 17, 32):
-            assert torch.equal(kernel.decode_linear(x[i:i + 1], w, b, 64), results[n][i:i + 1]), f"row {i} alone"
-    assert torch.equal(results[1], results[2])
+    for d_out, d_in in ((577, 1536), (13, 37)):
+        w, b = torch.randn(d_out, d_in, generator=g), torch.randn(d_out, generator=g)
+        x = torch.randn(33, d_in, generator=g)
+        results = {}
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            results[n] = kernel.decode_linear(x, w, b, 64)
+            for m in (1, 2, 5, 7, 16, 33):
+                assert torch.equal(kernel.decode_linear(x[:m], w, b, 64), results[n][:m]), f"{m} rows, {n} threads"
+            for i in (0, 4, 17, 32):
+                assert torch.equal(kernel.decode_linear(x[i:i + 1], w, b, 64), results[n][i:i + 1]), f"row {i} alone"
+        assert torch.equal(results[1], results[2])
 
 
 def test_above_max_rows_autograd_and_other_dtypes_take_torch(kernel):

@@ -174,14 +174,68 @@ template <typename T>
 void tile_range(const T* W, const float* x, float* y, int64_t M, int64_t K, int64_t N, const float* sc, const float* b,
                 int64_t nr_, int64_t lo, int64_t hi);
 
-// W rows per tile for M rows of x: 1-2 rows: 4 (8 accumulators fit, and the int8 widening per FMA is the larger
-// cost); more: NR. The tile shape never changes a result: each y[m, n] is the same accumulator chain.
-inline int64_t tile_rows(int64_t M) { return M <= 2 ? 4 : NR; }
+// One float32 row of x against W rows [0, nr) (already offset): tile<float, nr, 1>'s arithmetic, bit for bit, in
+// the loop shape that streams fastest at one row. Each W vector is loaded and used at once (tile's loads-first
+// order holds nr + nr + 1 vectors, 17 registers at nr = 8: a spill per step), and there is no software prefetch:
+// at one row the hardware prefetchers follow the nr streams on their own and the prefetch instructions only cost
+// issue slots. Not inlined: its own registers hold the nr row pointers (inlined, three were reloaded from the stack
+// each step). The 211 matmuls of a B1 step of the default model (513 MiB), one process, variants alternating 30-40
+// rounds: 1 thread 37.1-37.5 vs 41.1-42.3 ms for the 4-row tile with the prefetch, 2 threads 25.5-29.7 vs 26.8-31.1;
+// the whole B1 step on 1 thread 45.9 vs 50.8. int8 keeps the 4-row tile: this shape made its 211 matmuls slower
+// (29.9 vs 17.0 ms, 1 thread), as it is bound by the widening and FMA chains, not by the stream.
+template <int nr>
+__attribute__((noinline)) void one_row_tile(const float* __restrict W, const float* __restrict x, float* __restrict y,
+                                            int64_t K, const float* __restrict b) {
+  vec acc[nr];
+  for (int i = 0; i < nr; ++i) acc[i] = vzero();
+  int64_t k = 0;
+  for (; k + L <= K; k += L) {
+    const vec xv = vload(x + k);
+    for (int i = 0; i < nr; ++i) acc[i] = vfma(vload(W + i * K + k), xv, acc[i]);
+  }
+  for (int i = 0; i < nr; ++i) {
+    float s = vsum(acc[i]);
+    for (int64_t t = k; t < K; ++t) s = std::fma(W[i * K + t], x[t], s);
+    if (b != nullptr) s += b[i];
+    y[i] = s;
+  }
+}
+
+constexpr int kOneRowTile = 8;  // W rows per tile at one float32 row of x
+
+// W tiles [lo, hi) of kOneRowTile rows against one float32 row of x
+inline void one_row_range(const float* W, const float* x, float* y, int64_t K, int64_t N, const float* b, int64_t lo,
+                          int64_t hi) {
+  for (int64_t tt = lo; tt < hi; ++tt) {
+    const int64_t n0 = tt * kOneRowTile;
+    const float* Wt = W + n0 * K;
+    const float* bt = b != nullptr ? b + n0 : nullptr;
+    switch (std::min<int64_t>(kOneRowTile, N - n0)) {
+      case 8: one_row_tile<8>(Wt, x, y + n0, K, bt); break;
+      case 7: one_row_tile<7>(Wt, x, y + n0, K, bt); break;
+      case 6: one_row_tile<6>(Wt, x, y + n0, K, bt); break;
+      case 5: one_row_tile<5>(Wt, x, y + n0, K, bt); break;
+      case 4: one_row_tile<4>(Wt, x, y + n0, K, bt); break;
+      case 3: one_row_tile<3>(Wt, x, y + n0, K, bt); break;
+      case 2: one_row_tile<2>(Wt, x, y + n0, K, bt); break;
+      case 1: one_row_tile<1>(Wt, x, y + n0, K, bt); break;
+      default: break;
+    }
+  }
+}
+
+// W rows per tile for M rows of x: one float32 row: kOneRowTile; 1-2 rows otherwise: 4 (8 accumulators fit, and the
+// int8 widening per FMA is the larger cost); more: NR. The tile shape never changes a result: each y[m, n] is the
+// same accumulator chain.
+template <typename T>
+inline int64_t tile_rows(int64_t M) {
+  return std::is_same<T, float>::value && M == 1 ? kOneRowTile : M <= 2 ? 4 : NR;
+}
 
 template <typename T>
 void gemm(const T* W, const float* x, float* y, int64_t M, int64_t K, int64_t N, const float* sc, const float* b,
           int threads) {
-  const int64_t nr_ = tile_rows(M);
+  const int64_t nr_ = tile_rows<T>(M);
   const int64_t tiles = (N + nr_ - 1) / nr_;
 #pragma omp parallel num_threads(threads) if (threads > 1)
   {
@@ -194,6 +248,9 @@ void gemm(const T* W, const float* x, float* y, int64_t M, int64_t K, int64_t N,
 template <typename T>
 void tile_range(const T* W, const float* x, float* y, int64_t M, int64_t K, int64_t N, const float* sc, const float* b,
                 int64_t nr_, int64_t lo, int64_t hi) {
+  if constexpr (std::is_same<T, float>::value) {
+    if (M == 1) return one_row_range(W, x, y, K, N, b, lo, hi);  // nr_ is kOneRowTile
+  }
   const T* pf_end = W + std::min(N, hi * nr_) * K;
   for (int64_t tt = lo; tt < hi; ++tt) {
     const int64_t n0 = tt * nr_;
@@ -214,7 +271,7 @@ template <typename T>
 void gemm_group(const std::vector<const T*>& Ws, const std::vector<float*>& ys, const std::vector<int64_t>& Ns,
                 const std::vector<const float*>& scs, const std::vector<const float*>& bs, const float* x, int64_t M,
                 int64_t K, int threads) {
-  const int64_t nr_ = tile_rows(M);
+  const int64_t nr_ = tile_rows<T>(M);
   const int64_t G = static_cast<int64_t>(Ws.size());
   std::vector<int64_t> first(G + 1, 0);  // first[g]: global index of matrix g's first tile
   for (int64_t g = 0; g < G; ++g) first[g + 1] = first[g] + (Ns[g] + nr_ - 1) / nr_;
