@@ -20,7 +20,8 @@ code, character for character) to one fused kernel call instead of 7 ATen ops: t
 per-step cost at B1 once the matmuls are fast (~61 norms per step of the default model), points
 the model's SDPA attention at the kernel's one-token attention (``decode_attention.py``), and gives
 Llama-code decoder layers a decode-step forward with fewer ops around the same modules
-(``decode_layers.py``).
+(``decode_layers.py``), and Llama-code decoder models one kernel call for all their layers in a decode step
+(``decode_stack.py``).
 
 Semantics: ``F.linear(x, weight, bias)``, with float32 rounding in the kernel's own fixed order; a row's
 result does not depend on the other rows of the call or on the number of threads (bit for bit).
@@ -40,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loramux import cpu_kernel, decode_attention, decode_layers, huge_pages
+from loramux import cpu_kernel, decode_attention, decode_layers, decode_stack, huge_pages
 
 logger = logging.getLogger(__name__)
 
@@ -147,10 +148,11 @@ def install(model: nn.Module) -> int:
     attention = decode_attention.install(model, kernel)
     lean = decode_layers.install(model, kernel, tuple(f for f in _fused_norms.values() if f is not None), DecodeLinear,
                                  MAX_ROWS)
+    stacked = decode_stack.install(model, kernel)
     moved = huge_pages.move_weights(model)
     logger.debug("decode GEMM kernel on %d linear layers, fused RMSNorm on %d, decode attention on %d configs, "
-                 "lean decode forward on %d layers, %.0f MiB of weights on huge pages", len(linears), norms, attention,
-                 lean, moved / 2**20)
+                 "lean decode forward on %d layers (%d decoder stacks in one call), %.0f MiB of weights on huge pages",
+                 len(linears), norms, attention, lean, stacked, moved / 2**20)
     return len(linears)
 
 
@@ -165,6 +167,7 @@ def uninstall(model: nn.Module) -> int:
         elif type(module) in fused:
             module.__class__ = fused[type(module)]
     decode_attention.uninstall(model)
+    decode_stack.uninstall(model)
     decode_layers.uninstall(model)
     return count
 

@@ -816,6 +816,48 @@ at::Tensor decode_block_mlp(const at::Tensor& residual, const at::Tensor& attn, 
   return y + add_lora(base_linear(down_in, ws[3], scales[3], bs[3], max_rows), down_in, loras[3], lora_add);
 }
 
+// One decode step through a Llama-code model's decoder layers (decode_stack.py): per layer, what the lean layer
+// forward does on its block path, in one call, so no Python runs between layers (measured: ~170 us a layer of
+// Python between the kernels of a B1 step, cold in cache after each layer's weights stream through):
+//     q, k, v = decode_block_qkv(hidden, ...)                          # (B, 1, H, D) each
+//     buf_k[i][:B, :, end] = k; buf_v[i][:B, :, end] = v              # RowsKV's in-place column write
+//     out = decode_attention(q, buf_k[i][:B, :, start:end+1], ...)    # the live window, new column included
+//     hidden = decode_block_mlp(hidden, out, ...)
+// The same functions on the same tensors as the lean forward: bit-equal to it. The caller moves the cache's window
+// end one column on (RowsKV.advance) after the call.
+using Norm = std::tuple<at::Tensor, double>;
+using Projections = std::tuple<std::vector<at::Tensor>, std::vector<c10::optional<at::Tensor>>,
+                               std::vector<c10::optional<at::Tensor>>, std::vector<Lora>, int64_t>;
+using LayerPlan = std::tuple<Norm, Projections, Norm, Projections>;  // decode_layers._block_plan's tuple
+
+at::Tensor decode_stack(at::Tensor hidden, const std::vector<LayerPlan>& plans, const std::vector<at::Tensor>& buf_k,
+                        const std::vector<at::Tensor>& buf_v, int64_t start, int64_t end,
+                        const c10::optional<at::Tensor>& mask, const at::Tensor& cos, const at::Tensor& sin,
+                        const std::vector<int64_t>& head_dims, const std::vector<double>& scalings, int64_t max_rows) {
+  const size_t n = plans.size();
+  TORCH_CHECK(buf_k.size() == n && buf_v.size() == n && head_dims.size() == n && scalings.size() == n,
+              "decode_stack: one KV buffer pair, head dim and scaling per layer plan");
+  TORCH_CHECK(hidden.dim() == 3 && hidden.size(1) == 1, "decode_stack: hidden (B, 1, d)");
+  const int64_t B = hidden.size(0);
+  for (size_t i = 0; i < n; ++i) {
+    TORCH_CHECK(buf_k[i].dim() == 4 && buf_v[i].dim() == 4 && buf_k[i].size(0) >= B && buf_v[i].size(0) >= B &&
+                    0 <= start && start <= end && end < buf_k[i].size(2) && end < buf_v[i].size(2),
+                "decode_stack: layer ", i, "'s KV buffers have no column ", end, " for ", B, " rows");
+    const auto& [norm1, qkv, norm2, rest] = plans[i];
+    const auto& [ws1, sc1, bs1, lo1, add1] = qkv;
+    const std::vector<at::Tensor> q_k_v = decode_block_qkv(hidden, std::get<0>(norm1), std::get<1>(norm1), ws1, sc1, bs1,
+                                                           lo1, add1, cos, sin, head_dims[i], max_rows);
+    const at::Tensor k_rows = buf_k[i].narrow(0, 0, B), v_rows = buf_v[i].narrow(0, 0, B);  // (B, Hkv, Lcap, D)
+    k_rows.narrow(2, end, 1).copy_(q_k_v[1].transpose(1, 2));
+    v_rows.narrow(2, end, 1).copy_(q_k_v[2].transpose(1, 2));
+    const at::Tensor out = decode_attention(q_k_v[0].transpose(1, 2), k_rows.narrow(2, start, end + 1 - start),
+                                            v_rows.narrow(2, start, end + 1 - start), mask, scalings[i]);  // (B, 1, Hq, D)
+    const auto& [ws2, sc2, bs2, lo2, add2] = rest;
+    hidden = decode_block_mlp(hidden, out, ws2, sc2, bs2, lo2, add2, std::get<0>(norm2), std::get<1>(norm2), max_rows);
+  }
+  return hidden;
+}
+
 int64_t lanes() { return L; }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -827,5 +869,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_rotary", &decode_rotary, "transformers' apply_rotary_pos_emb for one token per row: (q_embed, k_embed)");
   m.def("decode_block_qkv", &decode_block_qkv, "rms_norm, the q/k/v projections and rotary of a decoder layer for one token per row");
   m.def("decode_block_mlp", &decode_block_mlp, "residual + o_proj, rms_norm, the SiLU MLP and its residual for one token per row");
+  m.def("decode_stack", &decode_stack, "a decode step through every decoder layer: block calls, KV column writes, attention");
   m.def("lanes", &lanes, "vector width in floats of this build (8: AVX2, 16: AVX-512)");
 }

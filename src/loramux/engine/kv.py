@@ -164,6 +164,26 @@ class RowsKV(Cache):
         self.lengths = [n + new_tokens for n in self.lengths]
         return self.mask
 
+    def decode_columns(self, rows: int) -> tuple[list[torch.Tensor], list[torch.Tensor], int, int] | None:
+        """(keys buffer per layer, values buffer per layer, start, end) when every layer holds ``rows`` rows over
+        the same window and has room for one more column: what ``decode_stack`` writes in place (column ``end``)
+        and attends over (columns ``[start, end]``); then ``advance()``. None otherwise (the layers' own
+        ``update`` then grows the buffers)."""
+        if not self.layers or type(self.layers[0]) is not _RowsLayer:
+            return None
+        first = self.layers[0]
+        for layer in self.layers:
+            if (type(layer) is not _RowsLayer or layer.buf_k is None or layer.rows != rows or layer.start != first.start
+                    or layer.end != first.end or layer.end >= layer.buf_k.shape[2] or layer.end >= layer.buf_v.shape[2]):
+                return None
+        return [layer.buf_k for layer in self.layers], [layer.buf_v for layer in self.layers], first.start, first.end
+
+    def advance(self) -> None:
+        """Every layer's window takes in the column ``decode_stack`` wrote (what ``update`` does after its write)."""
+        for layer in self.layers:
+            layer.end += 1
+            layer._view()
+
     @classmethod
     def from_cache(cls, cache: Cache) -> "RowsKV":
         """A copy of an unpadded transformers cache (every layer's ``keys``/``values`` (B, H, L, D)): B rows of L tokens."""
