@@ -208,15 +208,31 @@ def _llama_classes(layer_cls: type, attn_cls: type, mlp_cls: type) -> bool:
             and _same_source(getattr(attn_module, "rotate_half", None), llama.rotate_half))
 
 
+def forward_subclass(cls: type, registry: dict[type, type], prefix: str, forward, module_name: str, doc: str) -> type:
+    """``cls`` with ``forward`` (which may call ``self._transformers_forward``, ``cls``'s own), made once per class
+    and kept in ``registry``; named ``prefix + cls.__name__`` in module ``module_name`` so that pickling finds it."""
+    if cls not in registry:
+        name = f"{prefix}{cls.__name__}"
+        registry[cls] = type(name, (cls,), {"forward": forward, "_transformers_forward": cls.forward,
+                                            "__module__": module_name, "__qualname__": name, "__doc__": doc})
+        setattr(sys.modules[module_name], name, registry[cls])
+    return registry[cls]
+
+
+def restore_classes(model: nn.Module, registry: dict[type, type]) -> int:
+    """Every module of ``model`` whose class is one of ``registry``'s subclasses back to its class; how many."""
+    original = {subclass: cls for cls, subclass in registry.items()}
+    count = 0
+    for module in model.modules():
+        if type(module) in original:
+            module.__class__ = original[type(module)]
+            count += 1
+    return count
+
+
 def _lean_class(cls: type) -> type:
-    """The lean subclass of ``cls``, registered in this module so that pickling finds it by name."""
-    if cls not in _lean:
-        name = f"Lean{cls.__name__}"
-        _lean[cls] = type(name, (cls,), {"forward": _lean_forward, "_transformers_forward": cls.forward,
-                                         "__module__": __name__, "__qualname__": name,
-                                         "__doc__": f"``{cls.__name__}`` with the lean decode-step forward."})
-        globals()[name] = _lean[cls]
-    return _lean[cls]
+    """The lean subclass of ``cls``."""
+    return forward_subclass(cls, _lean, "Lean", _lean_forward, __name__, f"``{cls.__name__}`` with the lean decode-step forward.")
 
 
 def install(model: nn.Module, kernel: ModuleType, fused_norms: tuple[type, ...], decode_linear: type, max_rows: int) -> int:
@@ -246,10 +262,4 @@ def install(model: nn.Module, kernel: ModuleType, fused_norms: tuple[type, ...],
 
 def uninstall(model: nn.Module) -> int:
     """Back to transformers' classes."""
-    lean = {subclass: cls for cls, subclass in _lean.items()}
-    count = 0
-    for module in model.modules():
-        if type(module) in lean:
-            module.__class__ = lean[type(module)]
-            count += 1
-    return count
+    return restore_classes(model, _lean)

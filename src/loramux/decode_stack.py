@@ -102,14 +102,9 @@ def _is_llama_model_code(cls: type) -> bool:
 
 
 def _lean_class(cls: type) -> type:
-    """The stack subclass of ``cls``, registered in this module so that pickling finds it by name."""
-    if cls not in _lean:
-        name = f"Stacked{cls.__name__}"
-        _lean[cls] = type(name, (cls,), {"forward": _stack_forward, "_transformers_forward": cls.forward,
-                                         "__module__": __name__, "__qualname__": name,
-                                         "__doc__": f"``{cls.__name__}`` with decode steps through ``decode_stack``."})
-        globals()[name] = _lean[cls]
-    return _lean[cls]
+    """The stack subclass of ``cls``."""
+    return decode_layers.forward_subclass(cls, _lean, "Stacked", _stack_forward, __name__,
+                                          f"``{cls.__name__}`` with decode steps through ``decode_stack``.")
 
 
 def install(model: nn.Module, kernel: ModuleType) -> int:
@@ -146,10 +141,4 @@ def _capture_registry():
 
 def uninstall(model: nn.Module) -> int:
     """Back to transformers' classes."""
-    lean = {subclass: cls for cls, subclass in _lean.items()}
-    count = 0
-    for module in model.modules():
-        if type(module) in lean:
-            module.__class__ = lean[type(module)]
-            count += 1
-    return count
+    return decode_layers.restore_classes(model, _lean)
