@@ -129,3 +129,31 @@ def test_context_end_finishes_with_length(llama_model, registry):
     res = engine.generate([[5] * 15], ["a"], SamplingParams(max_tokens=50, temperature=0, ignore_eos=True))[0]
     assert res.finish_reason == "length" and len(res.token_ids) == 5
     assert torch.is_tensor(torch.tensor(res.token_ids))
+
+
+def test_engine_decode_steps_run_the_layer_stack_in_one_call(llama_model, registry):
+    """The engine's decode steps (its RowsKV, mixed adapters) take ``decode_stack`` (one kernel call for every
+    layer) and give what each request gives alone through generate (transformers' cache: the layer calls)."""
+    from loramux import decode_stack
+
+    if decode_stack._KERNEL is None:
+        pytest.skip("no decode GEMM kernel on this machine: nothing to stack")
+    real, calls = decode_stack._KERNEL, []
+
+    class Counting:
+        def __getattr__(self, name):
+            if name == "decode_stack":
+                calls.append(1)
+            return getattr(real, name)
+
+    engine = Engine(llama_model, registry=registry, max_running=4)
+    prompts, adapters = [[5, 17, 33, 40], [7, 8, 9], [61, 7, 20, 21, 22]], [None, "a", "b"]
+    decode_stack._KERNEL = Counting()
+    try:
+        outs = engine.generate(prompts, adapters, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
+    finally:
+        decode_stack._KERNEL = real
+        engine.shutdown()
+    assert len(calls) >= 5  # every decode step after the prefills (6 tokens: at least 5 decode steps)
+    for prompt, adapter, out in zip(prompts, adapters, outs):
+        assert out.token_ids == solo_greedy(llama_model, prompt, adapter, 6), adapter
