@@ -48,18 +48,22 @@ def test_int8_kernel_equals_its_reference(kernel, d_out, d_in, bias):
 
 
 def test_int8_rows_do_not_depend_on_the_batch_or_threads(kernel):
+    """A row alone (its own 8-row tile shape, with the prefetch) gives the bits it gets in a batch, with and without
+    a bias, over a K tail and a tail tile of W rows, on 1 and 2 threads."""
     g = torch.Generator().manual_seed(1)
-    q, scale = quantize_weight(torch.randn(301, 576, generator=g))
-    x = torch.randn(20, 576, generator=g)
     saved = torch.get_num_threads()
     try:
-        out = {}
-        for n in (1, 2):
-            torch.set_num_threads(n)
-            out[n] = kernel.int8_linear(x, q, scale, None, 64)
-            for i in (0, 7, 19):
-                assert torch.equal(kernel.int8_linear(x[i:i + 1], q, scale, None, 64), out[n][i:i + 1])
-        assert torch.equal(out[1], out[2])
+        for d_out, d_in, bias in ((301, 576, False), (13, 37, True)):
+            q, scale = quantize_weight(torch.randn(d_out, d_in, generator=g))
+            b = torch.randn(d_out, generator=g) if bias else None
+            x = torch.randn(20, d_in, generator=g)
+            out = {}
+            for n in (1, 2):
+                torch.set_num_threads(n)
+                out[n] = kernel.int8_linear(x, q, scale, b, 64)
+                for i in (0, 7, 19):
+                    assert torch.equal(kernel.int8_linear(x[i:i + 1], q, scale, b, 64), out[n][i:i + 1]), (d_in, n, i)
+            assert torch.equal(out[1], out[2])
     finally:
         torch.set_num_threads(saved)
 

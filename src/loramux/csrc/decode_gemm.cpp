@@ -174,62 +174,74 @@ template <typename T>
 void tile_range(const T* W, const float* x, float* y, int64_t M, int64_t K, int64_t N, const float* sc, const float* b,
                 int64_t nr_, int64_t lo, int64_t hi);
 
-// One float32 row of x against W rows [0, nr) (already offset): tile<float, nr, 1>'s arithmetic, bit for bit, in
-// the loop shape that streams fastest at one row. Each W vector is loaded and used at once (tile's loads-first
-// order holds nr + nr + 1 vectors, 17 registers at nr = 8: a spill per step), and there is no software prefetch:
-// at one row the hardware prefetchers follow the nr streams on their own and the prefetch instructions only cost
-// issue slots. Not inlined: its own registers hold the nr row pointers (inlined, three were reloaded from the stack
-// each step). The 211 matmuls of a B1 step of the default model (513 MiB), one process, variants alternating 30-40
-// rounds: 1 thread 37.1-37.5 vs 41.1-42.3 ms for the 4-row tile with the prefetch, 2 threads 25.5-29.7 vs 26.8-31.1;
-// the whole B1 step on 1 thread 45.9 vs 50.8. int8 keeps the 4-row tile: this shape made its 211 matmuls slower
-// (29.9 vs 17.0 ms, 1 thread), as it is bound by the widening and FMA chains, not by the stream.
-template <int nr>
-__attribute__((noinline)) void one_row_tile(const float* __restrict W, const float* __restrict x, float* __restrict y,
-                                            int64_t K, const float* __restrict b) {
+// One row of x against W rows [0, nr) (already offset; T float, or int8_t with per-channel scales sc):
+// tile<T, nr, 1>'s arithmetic, bit for bit, in the loop shape that streams fastest at one row. Each W vector is
+// loaded and used at once (tile's loads-first order holds nr + nr + 1 vectors, 17 registers at nr = 8: a spill
+// per step). Not inlined: its own registers hold the nr row pointers (inlined, three were reloaded from the stack
+// each step). float32: no software prefetch: the rows are 2-6 KB, the hardware prefetchers follow the nr streams
+// and the prefetch instructions only cost issue slots. The 211 matmuls of a B1 step of the default model
+// (513 MiB), one process, variants alternating 30-40 rounds: 1 thread 37.1-37.5 vs 41.1-42.3 ms for the 4-row
+// tile with the prefetch, 2 threads 25.5-29.7 vs 26.8-31.1; the whole B1 step on 1 thread 45.9 vs 50.8. int8: its
+// rows are a quarter as long (9 cache lines at K = 576), too short for the hardware to ramp up on, so the next
+// tile is prefetched, L / 8 lines a step (the whole next tile over this one's steps): the 211 int8 matmuls,
+// 30 rounds, 1 thread 13.2 vs 19.0 ms for the 4-row tile with its prefetch, 2 threads 8.9 vs 12.2 (without the
+// prefetch this 8-row shape was slower: 29.9 vs 17.0).
+template <typename T, int nr>
+__attribute__((noinline)) void one_row_tile(const T* __restrict W, const float* __restrict x, float* __restrict y,
+                                            int64_t K, const float* __restrict sc, const float* __restrict b,
+                                            const char* pf, const char* pf_end) {
   vec acc[nr];
   for (int i = 0; i < nr; ++i) acc[i] = vzero();
   int64_t k = 0;
   for (; k + L <= K; k += L) {
+    if constexpr (std::is_same<T, int8_t>::value) {
+      for (int p = 0; p < L / 8 && pf < pf_end; ++p, pf += 64) _mm_prefetch(pf, _MM_HINT_T0);
+    }
     const vec xv = vload(x + k);
     for (int i = 0; i < nr; ++i) acc[i] = vfma(vload(W + i * K + k), xv, acc[i]);
   }
   for (int i = 0; i < nr; ++i) {
     float s = vsum(acc[i]);
-    for (int64_t t = k; t < K; ++t) s = std::fma(W[i * K + t], x[t], s);
+    for (int64_t t = k; t < K; ++t) s = std::fma(static_cast<float>(W[i * K + t]), x[t], s);
+    if (sc != nullptr) s *= sc[i];
     if (b != nullptr) s += b[i];
     y[i] = s;
   }
 }
 
-constexpr int kOneRowTile = 8;  // W rows per tile at one float32 row of x
+constexpr int kOneRowTile = 8;  // W rows per tile at one row of x
 
-// W tiles [lo, hi) of kOneRowTile rows against one float32 row of x
-inline void one_row_range(const float* W, const float* x, float* y, int64_t K, int64_t N, const float* b, int64_t lo,
-                          int64_t hi) {
+// W tiles [lo, hi) of kOneRowTile rows against one row of x (int8: prefetching the next tile within [lo, hi))
+template <typename T>
+inline void one_row_range(const T* W, const float* x, float* y, int64_t K, int64_t N, const float* sc, const float* b,
+                          int64_t lo, int64_t hi) {
+  const char* pf_end = reinterpret_cast<const char*>(W + std::min<int64_t>(N, hi * kOneRowTile) * K);
   for (int64_t tt = lo; tt < hi; ++tt) {
     const int64_t n0 = tt * kOneRowTile;
-    const float* Wt = W + n0 * K;
+    const T* Wt = W + n0 * K;
+    const char* pf = reinterpret_cast<const char*>(Wt + kOneRowTile * K);
+    const float* st = sc != nullptr ? sc + n0 : nullptr;
     const float* bt = b != nullptr ? b + n0 : nullptr;
     switch (std::min<int64_t>(kOneRowTile, N - n0)) {
-      case 8: one_row_tile<8>(Wt, x, y + n0, K, bt); break;
-      case 7: one_row_tile<7>(Wt, x, y + n0, K, bt); break;
-      case 6: one_row_tile<6>(Wt, x, y + n0, K, bt); break;
-      case 5: one_row_tile<5>(Wt, x, y + n0, K, bt); break;
-      case 4: one_row_tile<4>(Wt, x, y + n0, K, bt); break;
-      case 3: one_row_tile<3>(Wt, x, y + n0, K, bt); break;
-      case 2: one_row_tile<2>(Wt, x, y + n0, K, bt); break;
-      case 1: one_row_tile<1>(Wt, x, y + n0, K, bt); break;
+      case 8: one_row_tile<T, 8>(Wt, x, y + n0, K, st, bt, pf, pf_end); break;
+      case 7: one_row_tile<T, 7>(Wt, x, y + n0, K, st, bt, pf, pf_end); break;
+      case 6: one_row_tile<T, 6>(Wt, x, y + n0, K, st, bt, pf, pf_end); break;
+      case 5: one_row_tile<T, 5>(Wt, x, y + n0, K, st, bt, pf, pf_end); break;
+      case 4: one_row_tile<T, 4>(Wt, x, y + n0, K, st, bt, pf, pf_end); break;
+      case 3: one_row_tile<T, 3>(Wt, x, y + n0, K, st, bt, pf, pf_end); break;
+      case 2: one_row_tile<T, 2>(Wt, x, y + n0, K, st, bt, pf, pf_end); break;
+      case 1: one_row_tile<T, 1>(Wt, x, y + n0, K, st, bt, pf, pf_end); break;
       default: break;
     }
   }
 }
 
-// W rows per tile for M rows of x: one float32 row: kOneRowTile; 1-2 rows otherwise: 4 (8 accumulators fit, and the
-// int8 widening per FMA is the larger cost); more: NR. The tile shape never changes a result: each y[m, n] is the
+// W rows per tile for M rows of x: one row: kOneRowTile; two rows: 4 (8 accumulators fit, and the int8 widening per
+// FMA is the larger cost); more: NR. The tile shape never changes a result: each y[m, n] is the
 // same accumulator chain.
 template <typename T>
 inline int64_t tile_rows(int64_t M) {
-  return std::is_same<T, float>::value && M == 1 ? kOneRowTile : M <= 2 ? 4 : NR;
+  return M == 1 ? kOneRowTile : M <= 2 ? 4 : NR;
 }
 
 template <typename T>
@@ -248,9 +260,7 @@ void gemm(const T* W, const float* x, float* y, int64_t M, int64_t K, int64_t N,
 template <typename T>
 void tile_range(const T* W, const float* x, float* y, int64_t M, int64_t K, int64_t N, const float* sc, const float* b,
                 int64_t nr_, int64_t lo, int64_t hi) {
-  if constexpr (std::is_same<T, float>::value) {
-    if (M == 1) return one_row_range(W, x, y, K, N, b, lo, hi);  // nr_ is kOneRowTile
-  }
+  if (M == 1) return one_row_range(W, x, y, K, N, sc, b, lo, hi);  // nr_ is kOneRowTile
   const T* pf_end = W + std::min(N, hi * nr_) * K;
   for (int64_t tt = lo; tt < hi; ++tt) {
     const int64_t n0 = tt * nr_;
