@@ -169,7 +169,7 @@ class RowsKV(Cache):
         the same window and has room for one more column: what ``decode_stack`` writes in place (column ``end``)
         and attends over (columns ``[start, end]``); then ``advance()``. None otherwise (the layers' own
         ``update`` then grows the buffers)."""
-        if not self.layers or type(self.layers[0]) is not _RowsLayer:
+        if not self.layers:
             return None
         first = self.layers[0]
         for layer in self.layers:
