@@ -158,3 +158,30 @@ def test_an_int8_base_gets_the_fused_norms_and_the_decode_attention(decode_gemm_
         step = lm(input_ids=ids[:, 5:], past_key_values=cache, use_cache=True).logits
         want = plain(input_ids=ids).logits[:, 5:]
     assert (step - want).abs().max() < 0.05 * want.abs().max()  # int8 weights: close, not fp32-equal
+
+
+def test_loading_an_adapter_on_an_int8_base_dequantizes_nothing(tmp_path, monkeypatch):
+    """An int8 layer's ``weight`` is a dequantized copy of the whole matrix: an adapter load (on the engine's
+    loader thread, beside decode steps) must read shapes, dtype and device without it."""
+    from loramux import quantize
+
+    base = tiny_llama(seed=5)
+    path = make_adapter(base, tmp_path / "a", seed=11, r=4, target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"])
+    qbase = copy.deepcopy(base)
+    quantize_model(qbase)
+    lm = MultiLoraModel(qbase)
+    calls = []
+    real = quantize._dequantized
+    monkeypatch.setattr(quantize, "_dequantized", lambda q, s: calls.append(q.shape) or real(q, s))
+    info = lm.load_adapter(path, adapter_name="a")
+    assert calls == [] and info.nbytes > 0
+    monkeypatch.undo()
+    reference = MultiLoraModel(copy.deepcopy(base))
+    reference.load_adapter(path, adapter_name="a")
+    ids = torch.randint(3, 96, (2, 5), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():  # the same LoRA delta on both bases: the logits differ by the int8 rounding only
+        delta_q = lm(input_ids=ids, adapter_names=["a", "a"]).logits - lm(input_ids=ids, adapter_names=["__base__"] * 2).logits
+        delta_f = (reference(input_ids=ids, adapter_names=["a", "a"]).logits
+                   - reference(input_ids=ids, adapter_names=["__base__"] * 2).logits)
+    assert delta_q.abs().max() > 1e-3
+    torch.testing.assert_close(delta_q, delta_f, atol=0.05, rtol=0.05)

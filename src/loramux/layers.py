@@ -31,6 +31,16 @@ def layer_shape(module: nn.Module) -> tuple[int, int]:
     return module.in_features, module.out_features
 
 
+def weight_dtype_device(module: nn.Module) -> tuple[torch.dtype, torch.device]:
+    """The dtype and device a base layer computes in, without reading ``weight``: an int8 base layer's
+    ``weight`` is a dequantized copy of the whole matrix (``quantize.py``), which an adapter load must
+    not pay once per module."""
+    spec = getattr(module, "compute_dtype_device", None)
+    if spec is not None:
+        return spec
+    return module.weight.dtype, module.weight.device
+
+
 def delta_weight_layout(module: nn.Module, delta: torch.Tensor) -> torch.Tensor:
     """``delta`` (d_out, d_in) in the layout of ``module.weight`` (Conv1D and Embedding store it transposed)."""
     if isinstance(module, nn.Embedding) or (Conv1D and isinstance(module, Conv1D)):

@@ -18,7 +18,7 @@ from loramux.adapter import AdapterConfig, AdapterFile, key_role, pattern_key
 from loramux.config_schema import show
 from loramux.errors import AdapterConfigError, AdapterError, AdapterWeightsError, TargetModuleError
 from loramux.experts import plan_experts, strip_base_layers
-from loramux.layers import SUPPORTED_TYPES, layer_shape
+from loramux.layers import SUPPORTED_TYPES, layer_shape, weight_dtype_device
 from loramux.slots import SlotTable, SlotWeights
 from loramux.targets import check_target
 
@@ -252,8 +252,8 @@ def _plan_load(adapter: AdapterFile, base_modules: dict[str, nn.Module], reuse_t
         rank = cfg.rank_for(name)  # read_adapter skips this check for target_parameters files (r*E rows)
         _check_shape(source, name, "lora_A", mw.lora_A.shape, (rank, d_in))
         _check_shape(source, name, "lora_B", mw.lora_B.shape, (d_out, rank))
-        weight = base.weight
-        to = dict(dtype=weight.dtype, device=weight.device)
+        dtype, device = weight_dtype_device(base)
+        to = dict(dtype=dtype, device=device)
         scaling = cfg.scaling_for(name)
         # scaled in one copy into the layout SlotWeights keeps: (d_out, r) as a view of a contiguous (r, d_out)
         B_scaled = _scaled_B_t(mw.lora_B, scaling, scratch).T
@@ -266,7 +266,7 @@ def _plan_load(adapter: AdapterFile, base_modules: dict[str, nn.Module], reuse_t
             if is_embedding:
                 raise AdapterConfigError(f"{source}: DoRA on the embedding {name!r} is not supported by loramux")
             _check_shape(source, name, "lora_magnitude_vector", mw.magnitude.shape, (d_out,))
-            dora_scale = _dora_scale(base, mw.lora_A.to(weight.device), B_scaled.to(weight.device), mw.magnitude.to(weight.device)).to(**to)
+            dora_scale = _dora_scale(base, mw.lora_A.to(device), B_scaled.to(device), mw.magnitude.to(device)).to(**to)
         # embeddings look rows up in A: store it (num_embeddings, r)
         A = mw.lora_A.T.contiguous() if is_embedding else mw.lora_A
         plan.lora[name] = SlotWeights(A=A.to(**to).contiguous(), B=B_scaled.to(**to), bias=bias, dora_scale=dora_scale)

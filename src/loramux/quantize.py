@@ -52,6 +52,11 @@ class _Int8Weight:
     is_quantized = True
 
     @property
+    def compute_dtype_device(self) -> tuple[torch.dtype, torch.device]:
+        """What ``layers.weight_dtype_device`` reads: float32 on the int8 tensor's device, no dequantization."""
+        return self.wscale.dtype, self.qweight.device
+
+    @property
     def weight(self) -> torch.Tensor:
         return _dequantized(self.qweight, self.wscale)
 

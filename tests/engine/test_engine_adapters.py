@@ -22,11 +22,14 @@ def test_a_slow_load_does_not_block_resident_requests(llama_model, registry):
     llama_model.load_adapter = slow_load
     llama_model.load_adapter(registry.path_of("a"), adapter_name="a")
     engine = Engine(llama_model, registry=registry)
+    estimated, real_estimate = [], engine.cache.estimate
+    engine.cache.estimate = lambda name: estimated.append(name) or real_estimate(name)
     try:
         slow = engine.submit([3, 4, 5], "b", GREEDY)  # first in line, but its adapter is not resident
         fast = [engine.submit([6, 7], name, GREEDY) for name in ("a", None, "a")]
         run_all(engine, fast)  # served while "b" is still loading
         assert not slow.finished and engine.cache.is_loading("b")
+        assert estimated == ["b"]  # its header was parsed once, to start the load: not again each step
     finally:
         gate.set()  # whatever happened above, the loader thread is released
     assert run_all(engine, [slow])[0].finish_reason == "length"

@@ -107,3 +107,27 @@ def test_from_cache_copies_a_transformers_cache_and_crop_drops_the_newest_column
         assert torch.equal(layer.keys, k) and torch.equal(layer.values, v)
     kv.crop(4)  # a positive value keeps that many (transformers' legacy meaning)
     assert kv.width == 4 and kv.layers[0].keys.shape[2] == 4
+
+
+
+def test_a_join_that_grows_the_buffers_leaves_room_for_the_next_decode_columns():
+    """When ``add`` re-lays the buffers (the rows or the left padding outgrew them), the columns after the
+    window get headroom too: else the next decode step finds no room (``decode_columns`` None) and takes
+    the layer-by-layer path while the buffers are re-laid again."""
+    batch, relaid = RowsKV(), 0
+    for n, length in enumerate((3, 9, 20, 40, 7, 70, 5, 120)):  # more rows, longer windows: both kinds of re-lay
+        before = [layer.buf_k for layer in batch.layers]
+        part = RowsKV()
+        part.begin(1)
+        _feed(part, torch.arange(length, dtype=torch.float32)[None] + 100 * n)
+        batch.add(part)
+        if before and not all(layer.buf_k is buf for layer, buf in zip(batch.layers, before)):
+            relaid += 1
+            bufs = [layer.buf_k for layer in batch.layers]
+            for _ in range(32):  # 32 decode columns in place: no re-lay until then
+                assert batch.decode_columns(batch.rows) is not None
+                _feed(batch, torch.zeros(batch.rows, 1))
+                assert all(layer.buf_k is buf for layer, buf in zip(batch.layers, bufs))
+        else:
+            _feed(batch, torch.zeros(batch.rows, 1))
+    assert relaid >= 3

@@ -111,3 +111,64 @@ def test_common_prefix():
         b = [rng.randrange(3) for _ in range(rng.randrange(0, 12))]
         expect = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
         assert common_prefix(a, b, 99) == expect
+
+
+def _count_forwards(engine) -> list[tuple[int, int]]:
+    """Record the (rows, tokens) shape of every model forward the engine's stepper runs."""
+    shapes, forward = [], engine._stepper._forward
+
+    def counted(kv, input_ids, *args, **kwargs):
+        shapes.append(tuple(input_ids.shape))
+        return forward(kv, input_ids, *args, **kwargs)
+
+    engine._stepper._forward = counted
+    return shapes
+
+
+def test_a_cached_prompt_joins_the_decode_step_without_a_forward_of_its_own(llama_model, registry):
+    prompt, other = SYSTEM + [20, 21], SYSTEM[:3] + [50, 51, 52]
+    long = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    engine = Engine(llama_model, registry=registry)
+    alone = run_all(engine, [engine.submit(prompt, "a", GREEDY)])[0].token_ids
+    solo_other = Engine(llama_model, registry=registry, prefix_cache_bytes=0)
+    other_alone = run_all(solo_other, [solo_other.submit(other, "b", long)])[0].token_ids
+    shapes = _count_forwards(engine)
+    busy = engine.submit(other, "b", long)
+    while not engine._stepper.batch:  # its prefill ran: it decodes from the next step on
+        engine.step()
+    hits = engine.stats()["prefix_cache_hit_tokens"]
+    shapes.clear()
+    again = engine.submit(prompt, "a", GREEDY)
+    steps = 0
+    while not again.finished:
+        assert engine.step()
+        steps += 1
+    assert engine.stats()["prefix_cache_hit_tokens"] - hits == len(prompt) - 1
+    assert shapes == [(2, 1)] * steps  # one decode forward a step, over both rows: no prefill forward
+    assert again.result().token_ids == alone
+    assert run_all(engine, [busy])[0].token_ids == other_alone
+
+
+def test_requests_admitted_together_reuse_what_the_first_of_them_prefilled(llama_model, registry):
+    prompt = SYSTEM + [20, 21]
+    engine = Engine(llama_model, registry=registry)
+    shapes = _count_forwards(engine)
+    outs = run_all(engine, [engine.submit(prompt, "a", GREEDY) for _ in range(3)])
+    cold = Engine(llama_model, registry=registry, prefix_cache_bytes=0)
+    expected = run_all(cold, [cold.submit(prompt, "a", GREEDY)])[0].token_ids
+    assert [o.token_ids for o in outs] == [expected] * 3
+    assert engine.stats()["prefix_cache_hit_tokens"] == 2 * (len(prompt) - 1)
+    assert [s for s in shapes if s[1] > 1] == [(1, len(prompt) - 1)]  # one prefill: the first request's
+
+
+def test_one_token_prompts_and_prompt_logprobs_still_pick_from_the_prefill(llama_model, registry):
+    engine = Engine(llama_model, registry=registry)
+    shapes = _count_forwards(engine)
+    res = run_all(engine, [engine.submit([7], None, GREEDY)])[0]
+    assert shapes[0] == (1, 1) and len(shapes) == GREEDY.max_tokens  # prefill gives token 1; 5 decodes
+    cold = Engine(llama_model, registry=registry, prefix_cache_bytes=0)
+    assert res.token_ids == run_all(cold, [cold.submit([7], None, GREEDY)])[0].token_ids
+    shapes.clear()
+    with_lp = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True, prompt_logprobs=1)
+    run_all(engine, [engine.submit(SYSTEM, None, with_lp)])
+    assert shapes == [(1, len(SYSTEM)), (1, 1)]  # the whole prompt, then one decode

@@ -56,8 +56,10 @@ class DecodeBatch:
         self.rows, self.kv, self.routing = [], None, None
 
     def inputs(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """The next decode step's input ids and positions, both (B, 1): each row's last token at its length."""
-        last = torch.tensor([[s.output_ids[-1]] for s in self.rows], device=device)  # (B, 1)
+        """The next decode step's input ids and positions, both (B, 1): each row's last token at its length
+        (a row that joined with all but its last prompt token in its KV is fed that token, ``step.py``)."""
+        last = torch.tensor([[s.output_ids[-1] if s.output_ids else s.req.prompt_ids[-1]] for s in self.rows],
+                            device=device)  # (B, 1)
         pos = torch.tensor([[n] for n in self.kv.lengths], device=device)  # (B, 1): real tokens so far
         return last, pos
 

@@ -215,7 +215,8 @@ class RowsKV(Cache):
         for mine, theirs in zip(self.layers, other.layers):
             rows_cap = mine.buf_k.shape[0]
             if old + new > rows_cap or grow > mine.start:
-                mine.resize(max(rows_cap, _room(old + new, 4)), _room(width + 1) + grow, max(grow, 32))
+                left = max(grow, 32)  # room for later newcomers' left padding, and _room's headroom on the right
+                mine.resize(max(rows_cap, _room(old + new, 4)), left - grow + _room(width), left)
             if grow:
                 mine.start -= grow  # the new left columns are padding for the rows already there
                 mine.buf_k[:old, :, mine.start: mine.start + grow] = 0

@@ -122,11 +122,13 @@ class Scheduler:
             self._exchange_for = None
         failed: list[tuple[Request, BaseException]] = []
         for name in wanted:
-            try:
-                path, need = self.cache.estimate(name)
-            except AdapterError as exc:  # vanished from the registry
-                failed += [(r, exc) for r in self.waiting if r.adapter == name]
-                continue
+            path, need = None, 0  # loading already: the decision reads its record, no header to parse each step
+            if view.get(name) is None:
+                try:
+                    path, need = self.cache.estimate(name)
+                except AdapterError as exc:  # vanished from the registry
+                    failed += [(r, exc) for r in self.waiting if r.adapter == name]
+                    continue
             decision = policy.load_decision(view, name, need, protected, force=name == head, keep=ahead)
             status = decision.status
             if status in (LoadStatus.TOO_BIG, LoadStatus.NEVER_FITS):

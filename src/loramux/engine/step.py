@@ -2,12 +2,17 @@
 
 ``Stepper.step`` (called by ``Engine.step``):
 
-1. admitted requests look up the prefix cache: a hit copies the cached KV of their common prefix
-   and only the rest of the prompt is prefilled;
+1. a request about to be prefilled looks up the prefix cache (then, not at admission: requests
+   admitted together with the same prompt hit what the first of them just prefilled): a hit
+   copies the cached KV of their common prefix and only the rest of the prompt is prefilled;
 2. prefill, at most ``prefill_chunk`` prompt tokens this step (a long prompt is cut into chunks
-   over several steps), so running decodes never wait for more than one chunk; a finished prompt
-   is kept in the prefix cache, picks the first token of each of its ``n`` sequences from one set
-   of logits, and its KV row is forked into one batch row per sequence (no recompute);
+   over several steps), so running decodes never wait for more than one chunk. All but the last
+   prompt token are prefilled: the prompt[:-1] KV is kept in the prefix cache and forked into one
+   batch row per sequence (no recompute), and the decode forward below feeds each such row the
+   last prompt token, whose logits give its first token. So a prompt the prefix cache holds costs
+   no forward of its own (a decode step reads every weight once for all rows; a forward for one
+   token would read them all again). Requests asking for prompt logprobs (every position's
+   logits), and one-token prompts, prefill the whole prompt and pick their first token from it;
 3. one decode forward for every row of the batch, whatever its adapter; pick; stream deltas;
    finished rows leave the batch at once.
 
@@ -66,20 +71,36 @@ class Stepper:
 
     # ------------------------------------------------------------------ admission, prefill
     def admit(self, req: Request) -> None:
-        """A request the scheduler admitted: take what the prefix cache has of its prompt, queue its prefill."""
+        """A request the scheduler admitted: queue its prefill."""
         req.owner = self._owner(req)
+        self.prefilling.append(req)
+
+    def _take_cached_prefix(self, req: Request) -> None:
+        """Start ``req``'s prompt KV from the longest prefix the cache holds of it, if any."""
         if req.params.prompt_logprobs is None:  # those need the logits of every prompt position
             hit = self.prefix_cache.lookup(req.owner, req.prompt_ids)
             if hit is not None:
                 req.cached_tokens, tensors = hit
                 req.kv_part, req.prefilled = kvops.RowsKV.holding(tensors), req.cached_tokens
-        self.prefilling.append(req)
+
+    @staticmethod
+    def _prefill_target(req: Request) -> int:
+        """Prompt tokens to prefill before joining the batch: all but the last, which the decode step feeds
+        (see the module docstring), unless prompt logprobs need every position or the prompt is one token."""
+        total = len(req.prompt_ids)
+        return total if req.params.prompt_logprobs is not None or total < 2 else total - 1
 
     def prefill(self) -> None:
         """Feed at most ``prefill_chunk`` prompt tokens (more when no decode waits)."""
         budget = self.prefill_chunk if self.batch else 4 * self.prefill_chunk
         while budget > 0 and self.prefilling:
             req = self.prefilling[0]
+            if req.kv_part is None:
+                self._take_cached_prefix(req)
+            if req.kv_part is not None and req.prefilled == self._prefill_target(req) < len(req.prompt_ids):
+                self.prefilling.pop(0)  # the cache held all but the last token: no forward of its own
+                self._start(req, None)
+                continue
             try:
                 logits, fed = self._prefill_chunk(req, budget)
             except Exception as exc:  # noqa: BLE001 - this request's own forward: it alone fails
@@ -90,9 +111,9 @@ class Stepper:
                 self.end(req, "error", Failure(kind, describe(exc)))
                 continue
             budget -= fed
-            if req.prefilled == len(req.prompt_ids):
+            if req.prefilled == self._prefill_target(req):
                 self.prefilling.pop(0)
-                self._start(req, logits)
+                self._start(req, logits if req.prefilled == len(req.prompt_ids) else None)
 
     def _prefill_chunk(self, req: Request, budget: int) -> tuple[torch.Tensor, int]:
         """One forward of the next prompt chunk; returns the last position's logits (1, V) and the count fed."""
@@ -100,7 +121,7 @@ class Stepper:
             req.kv_part = kvops.RowsKV()
             req.kv_part.begin(1)
         start, total = req.prefilled, len(req.prompt_ids)
-        n = min(budget, total - start)
+        n = min(budget, self._prefill_target(req) - start)
         device = self.device
         chunk = torch.tensor([req.prompt_ids[start: start + n]], device=device)  # (1, n)
         pos = torch.arange(start, start + n, device=device).unsqueeze(0)  # (1, n)
@@ -117,20 +138,26 @@ class Stepper:
         self.counters["prompt_tokens"] += n
         return logits, n
 
-    def _start(self, req: Request, logits: torch.Tensor) -> None:
-        """The prompt is in ``req.kv_part``: keep it in the prefix cache, pick each sequence's first
-        token from the same logits (1, V), and fork the KV row into one batch row per live sequence."""
+    def _start(self, req: Request, logits: torch.Tensor | None) -> None:
+        """The prompt is in ``req.kv_part``: keep it in the prefix cache and fork the KV row into one batch
+        row per live sequence. With ``logits`` (1, V) of the last prompt position, each sequence's first
+        token is picked from them first; without, ``req.kv_part`` holds all but the last prompt token,
+        which the next decode step feeds (``DecodeBatch.inputs``)."""
         part = req.kv_part
         req.kv_part = None
-        if self.prefix_cache.enabled and req.owner is not None and not self.prefix_cache.covers(req.owner, req.prompt_ids):
-            self.prefix_cache.insert(req.owner, req.prompt_ids, part.window())
+        held = req.prompt_ids if logits is not None else req.prompt_ids[:-1]
+        if self.prefix_cache.enabled and req.owner is not None and not self.prefix_cache.covers(req.owner, held):
+            self.prefix_cache.insert(req.owner, held, part.window())
         for seq in req.seqs:
             try:
-                self._init_seq(seq, logits.device)
+                self._init_seq(seq, self.device)
             except Exception as exc:  # noqa: BLE001 - e.g. the constraint factory raised
                 self.end(req, "error", Failure(FailureKind.ROW_FAILED, describe(exc)))
                 return
-        self.advance(req.seqs, logits.expand(req.n, -1))  # (1, V) -> (n, V), a view
+        if logits is not None:
+            self.advance(req.seqs, logits.expand(req.n, -1))  # (1, V) -> (n, V), a view
+        else:
+            self.counters["prompt_tokens"] += 1  # fed by the decode step
         alive = [s for s in req.seqs if not s.finished]
         for i, seq in enumerate(alive):
             self.batch.join(seq, part if i == len(alive) - 1 else part.copy())
