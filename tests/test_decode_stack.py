@@ -161,6 +161,39 @@ def test_where_the_stack_cannot_run_the_layers_are_called(kernel, tmp_path):
     assert counting.calls == 0
 
 
+@pytest.mark.parametrize("change", ["hook on self_attn", "pre-hook on mlp", "layer in training mode",
+                                    "its attention on sdpa"])
+def test_one_layer_the_decode_path_cannot_take_sends_the_step_to_the_layer_calls(kernel, tmp_path, change):
+    """The stack checks the step's input once and each layer's own conditions per layer: one layer off the decode
+    path (a hook on its attention or MLP, training mode, another attention implementation through a config of its
+    own) and the step runs the layer calls, same results."""
+    lm = make_lm(tmp_path)
+    layer = stacked_model(lm).layers[1]
+    seen, undo = [], lambda: None
+    if change == "hook on self_attn":
+        undo = layer.self_attn.register_forward_hook(lambda *a: seen.append(1)).remove
+    elif change == "pre-hook on mlp":
+        undo = layer.mlp.register_forward_pre_hook(lambda *a: seen.append(1)).remove
+    elif change == "layer in training mode":
+        layer.train()
+        undo = layer.eval
+    else:
+        own = copy.copy(layer.self_attn.config)
+        own._attn_implementation = "sdpa"
+        shared, layer.self_attn.config = layer.self_attn.config, own
+        undo = lambda: setattr(layer.self_attn, "config", shared)  # noqa: E731
+    try:
+        got, want, calls, caches = run_steps(lm, ["all", "__base__"], steps=2)
+    finally:
+        undo()
+    assert calls == 0 and all(torch.equal(g.logits, w.logits) for g, w in zip(got, want))
+    assert_same_caches(*caches)
+    if change.startswith(("hook", "pre-hook")):
+        assert len(seen) == 2 + 2 * 2  # both prefills, then each step's two forwards
+    got, want, calls, _ = run_steps(lm, ["all", "__base__"], steps=2)
+    assert calls == 2  # undone: the stack again
+
+
 def test_a_full_cache_grows_through_the_layer_calls_then_the_stack_goes_on(kernel, tmp_path):
     """No room for the next column: that step runs the layer calls (RowsKV grows its buffers), the next ones the
     stack again; same logits and caches throughout."""

@@ -63,13 +63,27 @@ _MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 def _decode_shaped(layer: nn.Module, hidden_states: torch.Tensor, position_embeddings, past_key_values,
                    kwargs: dict) -> bool:
-    attn, mlp = layer.self_attn, layer.mlp
+    return (_decode_input(hidden_states, position_embeddings, past_key_values, kwargs)
+            and _layer_decodes(layer, layer._modules["self_attn"], layer._modules["mlp"]))
+
+
+def _decode_input(hidden_states: torch.Tensor, position_embeddings, past_key_values, kwargs: dict) -> bool:
+    """What a decode step's layer call must be given (one float32 CPU token per row, no autograd, no global
+    hooks); the same for every layer of a step, so ``decode_stack`` checks it once."""
     return (hidden_states.dim() == 3 and hidden_states.shape[1] == 1 and hidden_states.dtype == torch.float32
-            and hidden_states.device.type == "cpu" and not torch.is_grad_enabled() and not layer.training
-            and position_embeddings is not None and past_key_values is not None
-            and attn.config._attn_implementation == decode_attention.ATTN_NAME and not kwargs.get("output_attentions")
-            and not (attn._forward_hooks or attn._forward_pre_hooks or mlp._forward_hooks or mlp._forward_pre_hooks
-                     or torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks))
+            and hidden_states.device.type == "cpu" and not torch.is_grad_enabled()
+            and position_embeddings is not None and past_key_values is not None and not kwargs.get("output_attentions")
+            and not (torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks))
+
+
+def _layer_decodes(layer: nn.Module, attn: nn.Module, mlp: nn.Module, checked_config=None) -> bool:
+    """What a layer must be for the decode path: in eval mode, its attention on ``ATTN_NAME``, no hooks on
+    attention or MLP. ``checked_config``: a config already known to select ``ATTN_NAME`` this step (reading
+    ``_attn_implementation`` goes through transformers' config ``__getattribute__``: microseconds a layer)."""
+    config = attn.config
+    return (not layer.training
+            and (config is checked_config or config._attn_implementation == decode_attention.ATTN_NAME)
+            and not (attn._forward_hooks or attn._forward_pre_hooks or mlp._forward_hooks or mlp._forward_pre_hooks))
 
 
 def _lean_forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,

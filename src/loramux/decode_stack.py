@@ -77,12 +77,15 @@ def _run_stack(self, kwargs: dict):
     buf_k, buf_v, start, end = columns
     if mask is not None and not decode_attention._row_mask(mask, rows, end + 1 - start):
         return None
+    if not decode_layers._decode_input(hidden, position_embeddings, cache, {}):
+        return None
+    checked = config if config._attn_implementation == decode_attention.ATTN_NAME else None
     plans, head_dims, scalings = [], [], []
     for layer in layers:
-        attn = layer.self_attn
-        if not decode_layers._decode_shaped(layer, hidden, position_embeddings, cache, {}):
+        attn, mlp = layer._modules["self_attn"], layer._modules["mlp"]
+        if not decode_layers._layer_decodes(layer, attn, mlp, checked):
             return None
-        plan = decode_layers._block_plan(layer, attn, layer.mlp, hidden.device, rows)
+        plan = decode_layers._block_plan(layer, attn, mlp, hidden.device, rows)
         if plan is None:
             return None
         plans.append(plan)
