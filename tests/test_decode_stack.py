@@ -127,6 +127,15 @@ def test_decode_steps_through_the_stack_equal_the_layer_calls(kernel, tmp_path, 
     assert not torch.allclose(got[-1].logits[0], got[-1].logits[1], atol=1e-3)  # the adapters change their rows
 
 
+def test_base_rows_beside_loaded_adapters_take_the_stack(kernel, tmp_path):
+    """Every row on the base while adapters (a DoRA one included) are loaded: each wrapper adds nothing, known once
+    a step (``layers.lora_free_forward``); the stack runs and equals the layer calls."""
+    lm = make_lm(tmp_path)
+    got, want, calls, caches = run_steps(lm, ["__base__", "__base__"], steps=3)
+    assert calls == 3 and all(torch.equal(g.logits, w.logits) for g, w in zip(got, want))
+    assert_same_caches(*caches)
+
+
 def test_where_the_stack_cannot_run_the_layers_are_called(kernel, tmp_path):
     """A DoRA row (no block calls), a hook on a decoder layer (it runs), output_hidden_states (transformers records
     them through hooks): the layer calls run, same results; a transformers cache is left to them too."""

@@ -121,13 +121,15 @@ def _lean_forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tenso
     return residual + mlp.down_proj(mlp.act_fn(gate) * up)
 
 
-def _block_plan(layer: nn.Module, attn: nn.Module, mlp: nn.Module, device: torch.device, rows: int):
+def _block_plan(layer: nn.Module, attn: nn.Module, mlp: nn.Module, device: torch.device, rows: int,
+                lora_free: bool = False):
     """The kernel arguments of ``decode_block_qkv`` / ``decode_block_mlp`` for this call, or None where the
     module calls must run: the norms are fused norms, the activation SiLU, and each projection a ``DecodeLinear``
     or an int8 base linear, bare or in a ``LoraLayer`` whose adapters for this batch are nothing or one
     grouped-LoRA kernel call (``LoraLayer.decode_delta``: plain LoRA groups), with no hooks on any of them.
     Reads the modules' own tables (``_modules``, ``_parameters``, ``_buffers``): it runs for every layer of
-    every step, and ``nn.Module.__getattr__`` is a Python call each."""
+    every step, and ``nn.Module.__getattr__`` is a Python call each. ``lora_free``: ``layers.lora_free_forward``
+    was found true for this forward (``decode_stack`` asks once a step)."""
     norms = []
     for name in ("input_layernorm", "post_attention_layernorm"):
         norm = layer._modules.get(name)
@@ -144,7 +146,7 @@ def _block_plan(layer: nn.Module, attn: nn.Module, mlp: nn.Module, device: torch
             if _hooked(module):
                 return None
             if type(module) is LoraLayer:
-                lora = module.decode_delta(device, rows)
+                lora = module.decode_delta(device, rows, lora_free)
                 module = module._modules["base_layer"]
                 if lora is None or _hooked(module):
                     return None

@@ -29,6 +29,7 @@ from torch import nn
 from torch.nn.modules import module as torch_module
 
 from loramux import decode_attention, decode_layers
+from loramux.layers import lora_free_forward
 
 logger = logging.getLogger(__name__)
 
@@ -80,12 +81,13 @@ def _run_stack(self, kwargs: dict):
     if not decode_layers._decode_input(hidden, position_embeddings, cache, {}):
         return None
     checked = config if config._attn_implementation == decode_attention.ATTN_NAME else None
+    lora_free = lora_free_forward(hidden.device)  # all base rows: ~200 LoRA wrappers need not be asked one by one
     plans, head_dims, scalings = [], [], []
     for layer in layers:
         attn, mlp = layer._modules["self_attn"], layer._modules["mlp"]
         if not decode_layers._layer_decodes(layer, attn, mlp, checked):
             return None
-        plan = decode_layers._block_plan(layer, attn, mlp, hidden.device, rows)
+        plan = decode_layers._block_plan(layer, attn, mlp, hidden.device, rows, lora_free)
         if plan is None:
             return None
         plans.append(plan)

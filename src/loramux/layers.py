@@ -31,6 +31,14 @@ def layer_shape(module: nn.Module) -> tuple[int, int]:
     return module.in_features, module.out_features
 
 
+def lora_free_forward(device: torch.device) -> bool:
+    """The running forward routes its rows but none of them to LoRA weights (all base rows, or the adapter
+    merged into the base): every wrapper outside a vision tower then adds nothing but its modules_to_save
+    copies (``LoraLayer.decode_delta(..., lora_free=True)``)."""
+    mapping = current_mapping()
+    return mapping is not None and (mapping.merged or not mapping.groups(device))
+
+
 def weight_dtype_device(module: nn.Module) -> tuple[torch.dtype, torch.device]:
     """The dtype and device a base layer computes in, without reading ``weight``: an int8 base layer's
     ``weight`` is a dequantized copy of the whole matrix (``quantize.py``), which an adapter load must
@@ -137,11 +145,15 @@ class LoraLayer(_PassThrough):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return self.add_adapters(self.base_layer(x, *args, **kwargs), x, args, kwargs)
 
-    def decode_delta(self, device: torch.device, rows: int) -> tuple | None:
+    def decode_delta(self, device: torch.device, rows: int, lora_free: bool = False) -> tuple | None:
         """What ``add_adapters`` does to a decode step's output (one token per row, ``rows`` rows) in the running
         forward, for ``decode_layers``' kernel calls: ``()`` when it adds nothing; ``(tokens, starts, ends, A,
         B_t)`` when it is exactly one grouped-LoRA kernel call with these arguments (every group plain LoRA);
-        None otherwise (copies, DoRA, biases, embeddings, no kernel: the module call must run)."""
+        None otherwise (copies, DoRA, biases, embeddings, no kernel: the module call must run).
+        ``lora_free``: the caller found ``lora_free_forward(device)`` true for this forward (the same answer as
+        the checks below, without them: a decode step asks ~200 wrappers)."""
+        if lora_free and not self.in_tower:
+            return None if self.copies.count else ()
         mapping = self._mapping()
         if mapping is None:
             return ()
