@@ -8,7 +8,7 @@ Not part of CI: the first run builds llama.cpp (~15 min on 2 cores), cached afte
 2. Convert with the vendored scripts: the default base model (loramux's cached safetensors copy of the
    embedded SmolLM2-135M-Instruct) to an F32 GGUF with ``convert_hf_to_gguf.py``, and the 4 bundled adapters
    with ``convert_lora_to_gguf.py``. llama.cpp's Q4_1 row uses the embedded GGUF file itself.
-3. Serve: ``loramux serve`` (bundled adapters) and ``llama-server -m BASE --lora a,b,c,d`` (one comma list:
+3. Serve: ``loramux serve --preload-adapters`` (bundled adapters, loaded at start-up) and ``llama-server -m BASE --lora a,b,c,d`` (one comma list:
    several ``--lora`` flags keep only the last), each alone on the machine, 2 threads, 16 parallel slots.
    Requests select an adapter by ``model`` (loramux) and by ``lora: [{id, scale}]`` (llama.cpp).
 4. Workload per scenario: C concurrent clients, each sending R completions of 64 tokens (``ignore_eos``,
@@ -138,8 +138,9 @@ class Server:
 
 
 def loramux_server(port: int, dtype: str | None) -> Server:
+    # --preload-adapters: the bundled adapters load at start-up, as llama-server's --lora loads its adapters
     cmd = [ROOT / ".venv" / "bin" / "loramux", "serve", "--port", port, "--threads", THREADS, "--max-running", 16,
-           "--served-model-name", "base"]
+           "--served-model-name", "base", "--preload-adapters"]
     return Server("loramux" + (f" {dtype}" if dtype else ""), cmd + (["--base-dtype", dtype] if dtype else []), port)
 
 

@@ -34,3 +34,32 @@ def test_base_model_names():
     assert base_model_name(None) == "SmolLM2-135M-Instruct"
     assert base_model_name("/models/tiny-llama/") == "tiny-llama"
     assert base_model_name("/x/SmolLM2-135M-Instruct.Q4_1.gguf") == "SmolLM2-135M-Instruct"
+
+
+def test_preload_adapters_loads_in_registry_order_within_the_limits_and_stays_evictable(tiny_world, caplog):
+    """``--preload-adapters``: registered adapters are resident before the first request, up to
+    ``--max-loaded-adapters``; a broken one is logged by name and skipped; the cache still evicts them."""
+    import argparse
+
+    from loramux.engine import SamplingParams
+    from loramux.server.command import add_arguments, build_engine
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--base", str(tiny_world["base"]), "--adapter-root", str(tiny_world["root"]),
+                              "--adapter", f"broken={tiny_world['corrupt']}", "--preload-adapters",
+                              "--max-loaded-adapters", "3", "--threads", "1"])
+    with caplog.at_level(logging.WARNING):
+        engine, _, registry = build_engine(args)
+    try:
+        assert registry.names()[:4] == ["broken", "a0", "a1", "a2"]
+        assert sorted(engine.cache.resident()) == ["a0", "a1", "a2"]
+        assert "broken" in caplog.text and "preloading" in caplog.text
+        before = engine.cache.stats()["loads"]
+        out = engine.submit([5, 6, 7], "a5", SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)).result(timeout=120)
+        assert out.finish_reason == "length"
+        stats = engine.cache.stats()
+        assert stats["loads"] == before + 1 and stats["evictions"] == 1 and "a5" in engine.cache.resident()
+        assert stats["resident_adapters"] == 3
+    finally:
+        engine.shutdown(abort=True, timeout=5.0)

@@ -58,6 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("engine and cache limits")
     g.add_argument("--max-loaded-adapters", type=_positive, default=32, help="adapters resident at once (default 32)")
     g.add_argument("--max-adapter-bytes", type=_positive, default=None, help="byte budget of resident adapters")
+    g.add_argument("--preload-adapters", action="store_true",
+                   help="load the registered adapters at start-up, in registry order, while they fit --max-loaded-adapters "
+                        "and --max-adapter-bytes (as llama.cpp's --lora does); without it each loads on its first request")
     g.add_argument("--max-running", type=_positive, default=16, help="sequences in the running batch (default 16)")
     g.add_argument("--max-kv-tokens", type=_positive, default=16384, help="KV-cache tokens reserved at once (default 16384)")
     g.add_argument("--max-waiting", type=_positive, default=1024,
@@ -131,10 +134,35 @@ def build_engine(args: argparse.Namespace) -> tuple[Any, Any, Any]:
         # the engine's cache calls model.load_adapter(path, adapter_name=, replace=) without this flag;
         # binding it on this one instance is how --allow-pickle reaches loads made on first use
         wrapped.load_adapter = functools.partial(wrapped.load_adapter, allow_pickle=True)  # type: ignore[method-assign]
+    if args.preload_adapters:
+        preload_adapters(wrapped, registry, args.max_loaded_adapters, args.max_adapter_bytes)
     engine = Engine(wrapped, tokenizer, registry=registry, max_running=args.max_running,
                     max_kv_tokens=args.max_kv_tokens, max_loaded_adapters=args.max_loaded_adapters,
                     max_adapter_bytes=args.max_adapter_bytes, max_waiting=args.max_waiting)
     return engine.start(), tokenizer, registry
+
+
+def preload_adapters(model: Any, registry: Any, max_loaded: int | None, max_bytes: int | None) -> list[str]:
+    """Load registered adapters into ``model`` before its engine exists, in registry order, while the count and
+    bytes fit; returns their names. The engine's adapter cache adopts them as resident and evictable, as if each
+    had been loaded on a first request. One that fails is logged with its reason and left to load on first use
+    (its requests then get that error); the others still load."""
+    loaded, used = [], 0
+    for name in registry.names():
+        if max_loaded is not None and len(loaded) >= max_loaded:
+            break
+        try:
+            info = model.load_adapter(registry.path_of(name), adapter_name=name)
+        except Exception as exc:  # noqa: BLE001 - a bad adapter must not stop the server from starting
+            logger.warning("preloading adapter %s failed (it will load on first use): %s", name, exc)
+            continue
+        if max_bytes is not None and used + info.nbytes > max_bytes:
+            model.delete_adapter(name)
+            break
+        loaded.append(name)
+        used += info.nbytes
+    logger.info("preloaded %d adapters (%.1f MiB): %s", len(loaded), used / 2**20, ", ".join(loaded) or "none")
+    return loaded
 
 
 def server_config_options(args: argparse.Namespace) -> dict[str, Any]:
