@@ -379,6 +379,25 @@ std::vector<at::Tensor> decode_linear_group(const at::Tensor& x, const std::vect
   return out;
 }
 
+// q (N, K) int8 times scale (N,) per row, as float32 in one pass: the same products as torch's
+// q.to(float) * scale[:, None] (one fp32 multiply each), without its intermediate float copy of q.
+static at::Tensor dequantized(const at::Tensor& q, const at::Tensor& scale) {
+  const int64_t N = q.size(0), K = q.size(1);
+  at::Tensor w = at::empty({N, K}, scale.options());
+  const int8_t* qp = q.data_ptr<int8_t>();
+  const float* sp = scale.data_ptr<float>();
+  float* wp = w.data_ptr<float>();
+  at::parallel_for(0, N, std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1)), [&](int64_t lo, int64_t hi) {
+    for (int64_t n = lo; n < hi; ++n) {
+      const int8_t* row = qp + n * K;
+      float* out = wp + n * K;
+      const float s = sp[n];
+      for (int64_t k = 0; k < K; ++k) out[k] = static_cast<float>(row[k]) * s;
+    }
+  });
+  return w;
+}
+
 // Weight-only int8: y = (x @ q.T) * scale + b with q (N, K) int8 and scale (N,) float32 per output channel.
 // Above max_rows rows (prefill) the weight is dequantized for the call and MKL does the matmul.
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale, const c10::optional<at::Tensor>& b,
@@ -390,9 +409,10 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& q, const at::Tenso
   TORCH_CHECK(!b.has_value() || float_vector(b, N), "int8_linear: bias must be a contiguous float32 (", N, ",) CPU tensor");
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, "int8_linear: x must end with ", K, " features, got ", x.sizes());
   const int64_t M = x.numel() / K;
-  if (needs_grad(x, scale, b) || x.device().type() != at::kCPU || x.scalar_type() != at::kFloat || M > max_rows || M == 0) {
+  if (needs_grad(x, scale, b) || x.device().type() != at::kCPU || x.scalar_type() != at::kFloat) {
     return at::linear(x, q.to(x.scalar_type()) * scale.unsqueeze(1).to(x.scalar_type()), b);
   }
+  if (M > max_rows || M == 0) return at::linear(x, dequantized(q, scale), b);  // prefill: MKL on a float copy
   const at::Tensor xc = x.contiguous();
   at::Tensor y = at::empty(out_shape(x, N), x.options());
   gemm<int8_t>(q.data_ptr<int8_t>(), xc.data_ptr<float>(), y.data_ptr<float>(), M, K, N, scale.data_ptr<float>(),
