@@ -146,7 +146,7 @@ class AdapterCache:
         self._failures: dict[str, BaseException] = {}
         self._tick = 0
         self._pool = ThreadPoolExecutor(max_concurrent_loads, thread_name_prefix="loramux-load")
-        self._element_size = _element_size(model)
+        self._element_size = element_size(model)
         device = getattr(model, "device", None)
         self._host: OrderedDict[str, Any] | None = OrderedDict() if getattr(device, "type", "cpu") == "cuda" else None
         self.host_bytes = host_bytes if host_bytes is not None else 4 * (max_bytes or 2**30)
@@ -387,7 +387,7 @@ class AdapterCache:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _element_size(model: Any) -> int:
+def element_size(model: Any) -> int:
     dtype = getattr(model, "dtype", None)
     return getattr(dtype, "itemsize", 4) or 4
 

@@ -36,7 +36,7 @@ def lora_free_forward(device: torch.device) -> bool:
     merged into the base): every wrapper outside a vision tower then adds nothing but its modules_to_save
     copies (``LoraLayer.decode_delta(..., lora_free=True)``)."""
     mapping = current_mapping()
-    return mapping is not None and (mapping.merged or not mapping.groups(device))
+    return mapping is not None and not mapping.adds_lora(device)
 
 
 def weight_dtype_device(module: nn.Module) -> tuple[torch.dtype, torch.device]:
@@ -172,7 +172,7 @@ class LoraLayer(_PassThrough):
     def _lora_applies(self, mapping: BatchMapping, device: torch.device) -> bool:
         """Some row of the running forward has LoRA weights here (an adapter merged into the base adds none).
         mapping.groups is cached per call: an all-`__base__` batch skips the LoRA path in one lookup."""
-        return bool(self.slots.count and not mapping.merged and mapping.groups(device))
+        return bool(self.slots.count and mapping.adds_lora(device))
 
     def add_adapters(self, y: torch.Tensor, x: torch.Tensor, args: tuple = (), kwargs: dict | None = None) -> torch.Tensor:
         """The base layer's output ``y`` for input ``x`` plus each row's adapter (what ``forward`` returns); for

@@ -57,6 +57,10 @@ class BatchMapping:
             cached = self._groups[device] = tuple(self._build_groups(device))
         return cached
 
+    def adds_lora(self, device: torch.device) -> bool:
+        """Some row takes LoRA weights in this forward (an adapter merged into the base adds none)."""
+        return not self.merged and bool(self.groups(device))
+
     @property
     def present(self) -> tuple[int, ...]:
         """Distinct non-base slots, in order of first appearance."""

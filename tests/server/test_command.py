@@ -63,3 +63,25 @@ def test_preload_adapters_loads_in_registry_order_within_the_limits_and_stays_ev
         assert stats["resident_adapters"] == 3
     finally:
         engine.shutdown(abort=True, timeout=5.0)
+
+
+def test_preload_adapters_stops_at_the_byte_budget_before_loading_what_does_not_fit(tiny_world, monkeypatch):
+    import argparse
+
+    from loramux import MultiLoraModel
+    from loramux.cache import estimate_nbytes
+    from loramux.server.command import add_arguments, build_engine
+
+    root = tiny_world["root"]
+    sizes = [estimate_nbytes(root / f"a{i}", 4) for i in range(3)]
+    loads, real = [], MultiLoraModel.load_adapter
+    monkeypatch.setattr(MultiLoraModel, "load_adapter", lambda self, path, **kw: loads.append(kw["adapter_name"]) or real(self, path, **kw))
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--base", str(tiny_world["base"]), "--adapter-root", str(root), "--preload-adapters",
+                              "--max-adapter-bytes", str(sum(sizes) - 1), "--threads", "1"])
+    engine, _, _ = build_engine(args)
+    try:
+        assert sorted(engine.cache.resident()) == ["a0", "a1"] and loads == ["a0", "a1"]  # a2 was not read
+    finally:
+        engine.shutdown(abort=True, timeout=5.0)

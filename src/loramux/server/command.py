@@ -145,20 +145,23 @@ def build_engine(args: argparse.Namespace) -> tuple[Any, Any, Any]:
 def preload_adapters(model: Any, registry: Any, max_loaded: int | None, max_bytes: int | None) -> list[str]:
     """Load registered adapters into ``model`` before its engine exists, in registry order, while the count and
     bytes fit; returns their names. The engine's adapter cache adopts them as resident and evictable, as if each
-    had been loaded on a first request. One that fails is logged with its reason and left to load on first use
+    had been loaded on a first request. The byte budget is checked on the file header's estimate first, as the
+    engine's cache does before a load. One that fails is logged with its reason and left to load on first use
     (its requests then get that error); the others still load."""
-    loaded, used = [], 0
+    from ..cache import element_size, estimate_nbytes
+
+    loaded, used, size = [], 0, element_size(model)
     for name in registry.names():
         if max_loaded is not None and len(loaded) >= max_loaded:
             break
+        path = registry.path_of(name)
+        if max_bytes is not None and used + estimate_nbytes(path, size) > max_bytes:
+            break
         try:
-            info = model.load_adapter(registry.path_of(name), adapter_name=name)
+            info = model.load_adapter(path, adapter_name=name)
         except Exception as exc:  # noqa: BLE001 - a bad adapter must not stop the server from starting
             logger.warning("preloading adapter %s failed (it will load on first use): %s", name, exc)
             continue
-        if max_bytes is not None and used + info.nbytes > max_bytes:
-            model.delete_adapter(name)
-            break
         loaded.append(name)
         used += info.nbytes
     logger.info("preloaded %d adapters (%.1f MiB): %s", len(loaded), used / 2**20, ", ".join(loaded) or "none")
