@@ -200,7 +200,11 @@ def test_client_disconnect_mid_stream_frees_its_slot(server):
 
 
 def test_metrics_expose_the_issue_series(server, client):
+    steps_before, decode_before = metric(server, "loramux_engine_steps_total"), metric(server, "loramux_engine_decode_seconds_total")
     client.completions.create(model="a4", prompt="hello", max_tokens=4, temperature=0)
+    # one step per generated token (this request ran alone), one more at most for a prefill of its own
+    assert steps_before + 4 <= metric(server, "loramux_engine_steps_total") <= steps_before + 5
+    assert metric(server, "loramux_engine_decode_seconds_total") > decode_before
     text = httpx.get(server.url + "/metrics").text
     names = {s.name for f in text_string_to_metric_families(text) for s in f.samples}
     for name in ["loramux_requests_total", "loramux_prompt_tokens_total", "loramux_generation_tokens_total",
