@@ -33,6 +33,7 @@ from loramux.adapter_config import (  # noqa: F401 - re-exported: the config hal
 from loramux.config_schema import show
 from loramux.errors import AdapterError, AdapterNotFoundError, AdapterWeightsError
 from loramux.st_header import TensorSpec, read_header
+from loramux.st_read import read_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +70,7 @@ class AdapterFile:
     modules: dict[str, ModuleWeights]                      # module name in the base model -> weights
     extra: dict[str, torch.Tensor]                         # other keys (modules_to_save candidates)
     finite_checked: bool = False  # read_adapter found every tensor finite (plan_load need not check A again)
+    disjoint: bool = False  # no two tensors share bytes (read from safetensors, whose offsets may not overlap)
 
     @property
     def nbytes(self) -> int:
@@ -157,25 +159,26 @@ def check_structure(source: Path, config: AdapterConfig, specs: Mapping[str, Ten
 HeaderCheck = Callable[[AdapterConfig, "dict[str, TensorSpec]", Path], None]
 
 
-def _read_tensors(path: Path, config: AdapterConfig, allow_pickle: bool, check: HeaderCheck | None) -> dict[str, torch.Tensor]:
+def _read_tensors(path: Path, config: AdapterConfig, allow_pickle: bool,
+                  check: HeaderCheck | None) -> tuple[dict[str, torch.Tensor], list[torch.Tensor], set[str]]:
+    """The file's tensors, and (``st_read.FileTensors``) typed views of the buffer they share with the keys
+    those cover, for ``_check_finite``."""
     st_path, bin_path = path / SAFETENSORS_NAME, path / PICKLE_NAME
     if st_path.is_file():
         from safetensors import SafetensorError
-        from safetensors.torch import load_file
 
         specs = read_header(st_path)  # every shape and dtype is checked before a byte of data is read
         check_structure(st_path, config, specs)
         if check is not None:
             check(config, specs, st_path)
+        # one buffer for all tensors when a load keeps every one of them (LoRA tensors only); a file with
+        # modules_to_save or saved base layers gives each tensor its own memory (those are copied or dropped)
+        share = all(key_role(key)[1] in _LORA_ROLES for key in specs)
         try:
-            try:  # read into memory the adapter owns: a mapping of the file would keep every byte of it
-                # resident for as long as any tensor lives, and crash the process (SIGBUS) if the file is
-                # rewritten in place while the adapter is loaded
-                return load_file(str(st_path), backend="pread")
-            except TypeError:  # safetensors < 0.8: only the mapped reader exists
-                return {key: t.clone() for key, t in load_file(str(st_path)).items()}
+            read = read_tensors(st_path, specs, share=share)
         except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
             raise AdapterWeightsError(f"{st_path}: cannot be read ({exc}); the file is truncated or corrupt, copy it again") from exc
+        return read.tensors, read.runs, read.in_runs
     if bin_path.is_file():
         if not allow_pickle:
             raise AdapterWeightsError(
@@ -191,7 +194,7 @@ def _read_tensors(path: Path, config: AdapterConfig, allow_pickle: bool, check: 
         check_structure(bin_path, config, specs)
         if check is not None:
             check(config, specs, bin_path)
-        return tensors
+        return tensors, [], set()
     raise AdapterNotFoundError(f"{path}: no {SAFETENSORS_NAME} (or {PICKLE_NAME}) next to {CONFIG_NAME}")
 
 
@@ -202,14 +205,19 @@ def spec_of(tensor: torch.Tensor) -> TensorSpec:
     return TensorSpec(dtype=_ST_NAMES.get(tensor.dtype, str(tensor.dtype)), shape=tuple(tensor.shape))
 
 
-def _check_finite(tensors: dict[str, torch.Tensor], source: Path) -> None:
+def _check_finite(tensors: dict[str, torch.Tensor], source: Path, runs: list[torch.Tensor] = (),
+                  in_runs: set[str] = frozenset()) -> None:
     """NaN/inf anywhere makes a tensor's sum NaN/inf: one reduction per tensor and one check, instead
-    of an elementwise mask and a reduction per tensor. A non-finite sum can also be an overflow of
-    finite values, so only then is each tensor checked exactly, to name the bad one."""
+    of an elementwise mask and a reduction per tensor. Tensors side by side in one buffer (``runs``,
+    covering the keys ``in_runs``) are summed in one reduction per run: one op for a whole adapter
+    file instead of ~400. A non-finite sum can also be an overflow of finite values, so only then is
+    each tensor checked exactly, to name the bad one."""
     floats = {key: t for key, t in tensors.items() if t.is_floating_point()}
     if not floats:
         return
-    if bool(torch.isfinite(torch.stack([t.sum(dtype=torch.float32) for t in floats.values()])).all()):
+    sums = [run.sum(dtype=torch.float32) for run in runs]
+    sums += [t.sum(dtype=torch.float32) for key, t in floats.items() if key not in in_runs]
+    if bool(torch.isfinite(torch.stack(sums)).all()):
         return
     for key, tensor in floats.items():
         if not torch.isfinite(tensor).all():
@@ -235,9 +243,9 @@ def read_adapter(path: str | Path, *, allow_pickle: bool = False, check: HeaderC
 
 
 def _read_weights(path: Path, config: AdapterConfig, allow_pickle: bool, check: HeaderCheck | None) -> AdapterFile:
-    tensors = _read_tensors(path, config, allow_pickle, check)
+    tensors, runs, in_runs = _read_tensors(path, config, allow_pickle, check)
     source = path / (SAFETENSORS_NAME if (path / SAFETENSORS_NAME).is_file() else PICKLE_NAME)
-    _check_finite(tensors, source)
+    _check_finite(tensors, source, runs, in_runs)
     modules: dict[str, ModuleWeights] = {}
     extra: dict[str, torch.Tensor] = {}
     for key, tensor in tensors.items():
@@ -251,4 +259,5 @@ def _read_weights(path: Path, config: AdapterConfig, allow_pickle: bool, check: 
             setattr(mw, role, tensor)
             mw.embedding = mw.embedding or embedding
     logger.debug("read adapter %s: %d modules, %d extra tensors", path, len(modules), len(extra))
-    return AdapterFile(path=path, config=config, modules=modules, extra=extra, finite_checked=True)
+    return AdapterFile(path=path, config=config, modules=modules, extra=extra, finite_checked=True,
+                       disjoint=source.name == SAFETENSORS_NAME)

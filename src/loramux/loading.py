@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from loramux.adapter import AdapterConfig, AdapterFile, key_role, pattern_key
+from loramux.b_scaling import scaled_transposed
 from loramux.config_schema import show
 from loramux.errors import AdapterConfigError, AdapterError, AdapterWeightsError, TargetModuleError
 from loramux.experts import plan_experts, strip_base_layers
@@ -157,19 +158,26 @@ def check_against_base(cfg: AdapterConfig, specs: dict, source, base_modules: di
         _check_shape(source, module, what, spec.shape, expected)
 
 
-def _check_scaled(source, plan: LoadPlan, cfg: AdapterConfig, checked: set[int]) -> None:
+def _plan_tensors(plan: LoadPlan) -> list[tuple[str, str, torch.Tensor]]:
+    """(module, what, tensor) for every tensor of the plan's plain LoRA entries, in plan order."""
+    return [(name, what, t) for name, e in plan.lora.items() if isinstance(e, SlotWeights)
+            for what, t in (("lora_A", e.A), ("scaled lora_B", e.B), ("scaled lora_B.bias", e.bias),
+                            ("DoRA magnitude / ||W0 + B A||", e.dora_scale)) if t is not None]
+
+
+def _check_scaled(source, plan: LoadPlan, cfg: AdapterConfig, checked: set[int], stacks: list[torch.Tensor] = ()) -> None:
     """After scaling and the cast to the base dtype a finite B can overflow (alpha 1e30, or float16's 65504).
 
     Any inf/NaN makes a tensor's sum non-finite, so one stacked check covers the whole plan; only when it
     fails is each tensor checked exactly, to name the module (as ``adapter._check_finite`` does). Tensors
     in ``checked`` (ids of the file's own tensors that read_adapter already found finite, kept as they
-    were: A in the base dtype) are not summed again."""
-    tensors = [(name, what, t) for name, e in plan.lora.items() if isinstance(e, SlotWeights)
-               for what, t in (("lora_A", e.A), ("scaled lora_B", e.B), ("scaled lora_B.bias", e.bias),
-                               ("DoRA magnitude / ||W0 + B A||", e.dora_scale)) if t is not None and id(t) not in checked]
-    if not tensors or bool(torch.isfinite(torch.stack([t.sum(dtype=torch.float32) for _, _, t in tensors])).all()):
+    were: A in the base dtype; and the scaled B inside one of ``stacks``, which are summed whole, one
+    reduction for ~30 modules) are not summed on their own."""
+    tensors = [(name, what, t) for name, what, t in _plan_tensors(plan) if id(t) not in checked]
+    sums = [t.sum(dtype=torch.float32) for t in stacks] + [t.sum(dtype=torch.float32) for _, _, t in tensors]
+    if not sums or bool(torch.isfinite(torch.stack(sums)).all()):
         return
-    for name, what, tensor in tensors:
+    for name, what, tensor in _plan_tensors(plan):
         if not bool(torch.isfinite(tensor).all()):
             field = "alpha_pattern" if pattern_key(list(cfg.alpha_pattern), name) is not None else "lora_alpha"
             raise AdapterWeightsError(
@@ -185,8 +193,9 @@ def plan_load(adapter: AdapterFile, base_modules: dict[str, nn.Module], *, reuse
     traceback logged at debug level), so callers catch one family and the model is never touched.
 
     ``reuse_tensors=True`` says the adapter's tensors are this plan's alone (read for this load, never
-    used again, even if the plan fails): each float32 ``lora_B`` is then scaled and transposed in its own
-    memory (``_scaled_B_t``) rather than into a fresh allocation."""
+    used again, even if the plan fails): float32 ``lora_B`` tensors that share no bytes with others
+    (``AdapterFile.disjoint``) are then scaled and transposed in their own memory (``b_scaling.py``)
+    rather than into a fresh allocation."""
     try:
         return _plan_load(adapter, base_modules, reuse_tensors)
     except AdapterError:
@@ -197,28 +206,9 @@ def plan_load(adapter: AdapterFile, base_modules: dict[str, nn.Module], *, reuse
                                   f"({type(exc).__name__}: {show(str(exc))})") from exc
 
 
-def _scaled_B_t(lora_B: torch.Tensor, scaling: float, scratch: torch.Tensor | None) -> torch.Tensor:
-    """``(scaling * lora_B).T`` as a contiguous (r, d_out) float32 tensor: the layout SlotWeights keeps.
-
-    With a ``scratch`` buffer (and a float32 ``lora_B`` that owns its whole storage) the result is
-    written over ``lora_B``'s own memory through the scratch copy: a fresh allocation of a load's B
-    tensors page-faults at ~1.5 GB/s here, where the file's bytes were read at 3-5 GB/s, and was a
-    third of a rank-64 load. The scratch (the largest B) stays in cache from one module to the next."""
-    d_out, rank = lora_B.shape
-    owns_storage = (lora_B.dtype == torch.float32 and lora_B.is_contiguous() and lora_B.storage_offset() == 0
-                    and lora_B.untyped_storage().nbytes() == lora_B.numel() * 4)
-    if scratch is None or not owns_storage:
-        return torch.mul(lora_B.T, scaling, out=torch.empty(rank, d_out, dtype=torch.float32))
-    # (d_out, r) -> scratch, then scratch.T * s over lora_B's memory read as (r, d_out)
-    original = scratch[: lora_B.numel()].view(d_out, rank).copy_(lora_B)
-    return torch.mul(original.T, scaling, out=lora_B.view(rank, d_out))
-
-
 def _plan_load(adapter: AdapterFile, base_modules: dict[str, nn.Module], reuse_tensors: bool) -> LoadPlan:
     cfg, source = adapter.config, adapter.path / "adapter_model.safetensors"
     plan = LoadPlan(config=cfg)
-    largest_B = max((mw.lora_B.numel() for mw in adapter.modules.values() if mw.lora_B is not None), default=0)
-    scratch = torch.empty(largest_B, dtype=torch.float32) if reuse_tensors else None
     # A tensors read_adapter found finite and the plan keeps as they are (same object) are not summed again
     checked = {id(mw.lora_A) for mw in adapter.modules.values()} if adapter.finite_checked else set()
     _check_targets(cfg, base_modules, adapter.path)
@@ -230,6 +220,7 @@ def _plan_load(adapter: AdapterFile, base_modules: dict[str, nn.Module], reuse_t
             nested.setdefault(owner, {})[strip_base_layers(name)[1]] = mw
     for owner, by_depth in nested.items():
         plan.lora[owner], plan.ranks[owner], plan.scalings[owner] = plan_experts(source, cfg, owner, base_modules[owner], by_depth)
+    todo = []  # (name, weights, base layer, rank, scaling): every check passed, in file order
     for name, mw in adapter.modules.items():
         if _param_lora(cfg, name, base_modules) is not None:
             continue
@@ -252,26 +243,33 @@ def _plan_load(adapter: AdapterFile, base_modules: dict[str, nn.Module], reuse_t
         rank = cfg.rank_for(name)  # read_adapter skips this check for target_parameters files (r*E rows)
         _check_shape(source, name, "lora_A", mw.lora_A.shape, (rank, d_in))
         _check_shape(source, name, "lora_B", mw.lora_B.shape, (d_out, rank))
-        dtype, device = weight_dtype_device(base)
-        to = dict(dtype=dtype, device=device)
-        scaling = cfg.scaling_for(name)
-        # scaled in one copy into the layout SlotWeights keeps: (d_out, r) as a view of a contiguous (r, d_out)
-        B_scaled = _scaled_B_t(mw.lora_B, scaling, scratch).T
-        bias = None
         if mw.lora_B_bias is not None:
             _check_shape(source, name, "lora_B.bias", mw.lora_B_bias.shape, (d_out,))
-            bias = (mw.lora_B_bias.float() * scaling).to(**to)
-        dora_scale = None
         if mw.magnitude is not None:
             if is_embedding:
                 raise AdapterConfigError(f"{source}: DoRA on the embedding {name!r} is not supported by loramux")
             _check_shape(source, name, "lora_magnitude_vector", mw.magnitude.shape, (d_out,))
+        todo.append((name, mw, base, rank, cfg.scaling_for(name)))
+    # every B scaled into the layout SlotWeights keeps, modules of one shape together (b_scaling.py); in the
+    # B's own memory when the file was read for this load alone and its tensors share no bytes
+    scaled, stacks = scaled_transposed([(name, mw.lora_B, scaling) for name, mw, _, _, scaling in todo],
+                                       in_place=reuse_tensors and adapter.disjoint)
+    covered: set[int] = set()  # ids of the B the plan keeps as scaled_transposed made them (its stacks hold them)
+    for (name, mw, base, rank, scaling), B_t in zip(todo, scaled):
+        dtype, device = weight_dtype_device(base)
+        to = dict(dtype=dtype, device=device)
+        B_scaled = B_t.T  # (d_out, r) as a view of a contiguous (r, d_out)
+        bias = None if mw.lora_B_bias is None else (mw.lora_B_bias.float() * scaling).to(**to)
+        dora_scale = None
+        if mw.magnitude is not None:
             dora_scale = _dora_scale(base, mw.lora_A.to(device), B_scaled.to(device), mw.magnitude.to(device)).to(**to)
         # embeddings look rows up in A: store it (num_embeddings, r)
-        A = mw.lora_A.T.contiguous() if is_embedding else mw.lora_A
-        plan.lora[name] = SlotWeights(A=A.to(**to).contiguous(), B=B_scaled.to(**to), bias=bias, dora_scale=dora_scale)
+        A = mw.lora_A.T.contiguous() if isinstance(base, nn.Embedding) else mw.lora_A
+        entry = plan.lora[name] = SlotWeights(A=A.to(**to).contiguous(), B=B_scaled.to(**to), bias=bias, dora_scale=dora_scale)
+        if entry.B is B_scaled:
+            covered.add(id(B_scaled))
         plan.ranks[name], plan.scalings[name] = rank, scaling
-    _check_scaled(source, plan, cfg, checked)
+    _check_scaled(source, plan, cfg, checked | covered, stacks)
     _plan_modules_to_save(adapter, base_modules, plan)
     if not plan.lora and not plan.modules_to_save:
         raise AdapterWeightsError(f"{source}: no tensor of this adapter applies to the base model")

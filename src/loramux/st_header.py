@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from loramux.config_schema import show
@@ -29,6 +29,7 @@ class TensorSpec:
 
     dtype: str                 # safetensors name: "F32", "BF16", ...
     shape: tuple[int, ...]
+    start: int = field(default=0, compare=False)  # its first byte in the data section (after the header)
 
     @property
     def floating(self) -> bool:
@@ -68,21 +69,32 @@ def read_header(path: Path) -> dict[str, TensorSpec]:
     for key, entry in header.items():
         if key == "__metadata__":
             continue
-        if not isinstance(entry, dict):
+        # json.loads makes exact dict/list/int/str (never subclasses; a bool is not an int by type), so
+        # ``type(x) is`` checks say what isinstance did, at a fraction of its cost over ~400 entries
+        if type(entry) is not dict:
             raise _corrupt(path, f"header entry {show(key)} is not an object")
         dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        if not isinstance(dtype, str) or dtype not in ITEMSIZE:
+        itemsize = ITEMSIZE.get(dtype) if type(dtype) is str else None
+        if itemsize is None:
             raise _corrupt(path, f"tensor {show(key)} has unknown dtype {show(dtype)}")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        # one pass over the dims: ints (not bools), non-negative; their product
+        numel = 1
+        if type(shape) is not list:
+            numel = -1
+        else:
+            for d in shape:
+                if type(d) is not int or d < 0:
+                    numel = -1
+                    break
+                numel *= d
+        if numel < 0:
             raise _corrupt(path, f"tensor {show(key)} has invalid shape {show(shape)}")
-        if (not isinstance(offsets, list) or len(offsets) != 2
-                or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+        if (type(offsets) is not list or len(offsets) != 2 or type(offsets[0]) is not int or type(offsets[1]) is not int
                 or not 0 <= offsets[0] <= offsets[1] <= data_bytes):
             raise _corrupt(path, f"tensor {show(key)} has data_offsets {show(offsets)} outside the file's "
                                  f"{data_bytes} data bytes")
-        spec = TensorSpec(dtype=dtype, shape=tuple(shape))
-        if offsets[1] - offsets[0] != spec.nbytes:
-            raise _corrupt(path, f"tensor {show(key)}: shape {spec.shape} of {dtype} needs {spec.nbytes} bytes but "
-                                 f"data_offsets span {offsets[1] - offsets[0]}")
-        specs[key] = spec
+        if offsets[1] - offsets[0] != numel * itemsize:
+            raise _corrupt(path, f"tensor {show(key)}: shape {tuple(shape)} of {dtype} needs {numel * itemsize} bytes "
+                                 f"but data_offsets span {offsets[1] - offsets[0]}")
+        specs[key] = TensorSpec(dtype, tuple(shape), offsets[0])
     return specs
