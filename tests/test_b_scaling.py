@@ -87,3 +87,15 @@ def test_runs_are_chunked(monkeypatch):
     out, stacks = scaled_transposed(Bs, in_place=True)
     assert all(torch.equal(g, w) for g, w in zip(out, expected))
     assert max(s.shape[0] for s in stacks) == 2
+
+
+@pytest.mark.parametrize("scaling", [1 / 3, 2.0, 0.37, 1e-7, 3e29, 16 / 8 ** 0.5, 123456.789])
+def test_float32_path_rounds_like_torch_mul(scaling):
+    """The numpy fast path (float32) multiplies by float32(scaling), exactly what torch.mul does."""
+    g = torch.Generator().manual_seed(7)
+    buf = torch.randn(6 * 700 * 8, generator=g) * 10
+    Bs = [(f"l.{i}.q", buf[i * 5600: (i + 1) * 5600].view(700, 8), scaling) for i in range(6)]
+    expected = [_reference(B.clone(), scaling) for _, B, _ in Bs]
+    out, _ = scaled_transposed(Bs, in_place=False)
+    assert all(torch.equal(o, e) for o, e in zip(out, expected))
+

@@ -43,10 +43,10 @@ def weight_dtype_device(module: nn.Module) -> tuple[torch.dtype, torch.device]:
     """The dtype and device a base layer computes in, without reading ``weight``: an int8 base layer's
     ``weight`` is a dequantized copy of the whole matrix (``quantize.py``), which an adapter load must
     not pay once per module."""
-    spec = getattr(module, "compute_dtype_device", None)
-    if spec is not None:
-        return spec
-    return module.weight.dtype, module.weight.device
+    if getattr(type(module), "compute_dtype_device", None) is not None:  # a class property (quantize.py): the
+        return module.compute_dtype_device  # class is asked first, as nn.Module's __getattr__ raises for a miss
+    weight = module.weight
+    return weight.dtype, weight.device
 
 
 def delta_weight_layout(module: nn.Module, delta: torch.Tensor) -> torch.Tensor:

@@ -111,6 +111,7 @@ def check_against_base(cfg: AdapterConfig, specs: dict, source, base_modules: di
     """Every declared tensor (``specs``: key -> st_header.TensorSpec) fits ``base_modules``, checked from the
     file's header before its data is read: a file for another model is refused without allocating its tensors."""
     _check_targets(cfg, base_modules, source.parent)
+    lora_dims: dict[tuple[str, bool], tuple[int, int, int]] = {}  # (module, embedding) -> its _lora_dims
     for key, spec in specs.items():
         module, role, embedding = key_role(key)
         if role == "extra":
@@ -123,39 +124,53 @@ def check_against_base(cfg: AdapterConfig, specs: dict, source, base_modules: di
                                           f"{module[len(owner) + 1:]!r} (tensor {key!r}); wrong base model")
             _check_shape(source, owner, module[len(owner) + 1:], spec.shape, tuple(expected.shape))
             continue
-        if _param_lora(cfg, module, base_modules) is not None:
-            continue  # fused-experts LoRA: checked by experts.plan_experts once the tensors are read
-        base = _base_module(source, module, base_modules)
         if role.startswith("base_layer."):
+            if _param_lora(cfg, module, base_modules) is not None:
+                continue
+            base = _base_module(source, module, base_modules)
             current = getattr(base, role[len("base_layer."):], None)
             if current is None or tuple(current.shape) != spec.shape:
                 raise AdapterConfigError(
                     f"{source}: the adapter carries its own {module}.{role[len('base_layer.'):]} (e.g. a resized "
                     "vocabulary) that differs from the base model's; one shared base cannot hold it per adapter")
             continue
-        if any(module == t or module.endswith("." + t) for t in cfg.modules_to_save):
-            raise TargetModuleError(f"{source}: module {module!r} is both a LoRA target and in modules_to_save of this "
-                                    "adapter; PEFT trains one or the other, re-save the adapter with only one")
-        if cfg.target_modules == "all-linear" and not isinstance(base, (nn.Linear,) + tuple(t for t in SUPPORTED_TYPES if t is not nn.Embedding)):
-            raise AdapterWeightsError(
-                f"{source}: module {module!r} is a {type(base).__name__} but target_modules is 'all-linear', which PEFT "
-                "expands to linear layers only (it would ignore these weights); fix target_modules")
-        if cfg.target_modules is not None and not cfg.targets(module):
-            # PEFT never creates this layer, so it drops these weights with a warning: serving them would
-            # differ from PEFT, serving without them would differ from the weights; refuse
-            raise AdapterWeightsError(
-                f"{source}: module {module!r} has LoRA weights but the config does not target it (fields "
-                "target_modules / layers_to_transform / exclude_modules / modules_to_save); PEFT would ignore them. "
-                "The config and the weights disagree: fix target_modules or re-save the adapter")
-        if embedding != isinstance(base, nn.Embedding):
-            raise AdapterWeightsError(
-                f"{source}: module {module!r} is a {type(base).__name__} but the adapter stores "
-                f"{'embedding' if embedding else 'linear'} LoRA weights for it; wrong base model")
-        d_in, d_out = layer_shape(base)
-        rank = cfg.rank_for(module)
+        dims = lora_dims.get((module, embedding))
+        if dims is None:
+            if _param_lora(cfg, module, base_modules) is not None:
+                continue  # fused-experts LoRA: checked by experts.plan_experts once the tensors are read
+            dims = lora_dims[(module, embedding)] = _lora_dims(cfg, source, module, embedding, base_modules)
+        d_in, d_out, rank = dims
         expected = {"lora_A": (rank, d_in), "lora_B": (d_out, rank), "lora_B_bias": (d_out,), "magnitude": (d_out,)}[role]
-        what = {"lora_B_bias": "lora_B.bias", "magnitude": "lora_magnitude_vector"}.get(role, role)
-        _check_shape(source, module, what, spec.shape, expected)
+        _check_shape(source, module, _WHAT.get(role, role), spec.shape, expected)
+
+
+_WHAT = {"lora_B_bias": "lora_B.bias", "magnitude": "lora_magnitude_vector"}  # a role as PEFT's tensor name says it
+
+
+def _lora_dims(cfg: AdapterConfig, source, module: str, embedding: bool, base_modules: dict[str, nn.Module]) -> tuple[int, int, int]:
+    """(d_in, d_out, rank) of LoRA ``module``, once every check of the module itself passed (asked once per
+    module, not per tensor: a load's A and B of one module share these checks)."""
+    base = _base_module(source, module, base_modules)
+    if any(module == t or module.endswith("." + t) for t in cfg.modules_to_save):
+        raise TargetModuleError(f"{source}: module {module!r} is both a LoRA target and in modules_to_save of this "
+                                "adapter; PEFT trains one or the other, re-save the adapter with only one")
+    if cfg.target_modules == "all-linear" and not isinstance(base, (nn.Linear,) + tuple(t for t in SUPPORTED_TYPES if t is not nn.Embedding)):
+        raise AdapterWeightsError(
+            f"{source}: module {module!r} is a {type(base).__name__} but target_modules is 'all-linear', which PEFT "
+            "expands to linear layers only (it would ignore these weights); fix target_modules")
+    if cfg.target_modules is not None and not cfg.targets(module):
+        # PEFT never creates this layer, so it drops these weights with a warning: serving them would
+        # differ from PEFT, serving without them would differ from the weights; refuse
+        raise AdapterWeightsError(
+            f"{source}: module {module!r} has LoRA weights but the config does not target it (fields "
+            "target_modules / layers_to_transform / exclude_modules / modules_to_save); PEFT would ignore them. "
+            "The config and the weights disagree: fix target_modules or re-save the adapter")
+    if embedding != isinstance(base, nn.Embedding):
+        raise AdapterWeightsError(
+            f"{source}: module {module!r} is a {type(base).__name__} but the adapter stores "
+            f"{'embedding' if embedding else 'linear'} LoRA weights for it; wrong base model")
+    d_in, d_out = layer_shape(base)
+    return d_in, d_out, cfg.rank_for(module)
 
 
 def _plan_tensors(plan: LoadPlan) -> list[tuple[str, str, torch.Tensor]]:

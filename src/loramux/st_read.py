@@ -17,6 +17,7 @@ a view of it, made from the header ``st_header.read_header`` already parsed and 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,7 @@ import torch
 
 from loramux import huge_pages
 from loramux.st_header import TensorSpec
+from loramux.strided import kind, spaced_runs
 
 TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                 "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -78,36 +80,61 @@ def read_tensors(path: Path, specs: dict[str, TensorSpec], *, share: bool) -> Fi
     if declared != specs.keys():  # the file changed since its header was read
         raise OSError("the file changed while it was read")
     order = sorted(specs.items(), key=lambda kv: kv[1].start)
-    nbytes = max((s.start + s.nbytes for _, s in order), default=0)
+    sizes = [spec.nbytes for _, spec in order]
+    nbytes = max((spec.start + n for (_, spec), n in zip(order, sizes)), default=0)
     buf = read_data(path, data_start, nbytes)
-    typed: dict[str, torch.Tensor] = {}  # dtype name -> the whole buffer viewed as that dtype
-    tensors: dict[str, torch.Tensor] = {}
+    views = _views(buf, order, nbytes)
+    tensors = {key: views[key] if share else views[key].clone() for key, _ in order}  # file order, as safetensors
     runs: list[torch.Tensor] = []
     in_runs: set[str] = set()
-    run_dtype, run_start, run_end = None, 0, 0
-    for key, spec in order:
-        itemsize = _itemsize(spec.dtype)
-        if spec.start % itemsize:  # misaligned (a writer without safetensors' padding): a copy of its bytes
-            tensor = buf[spec.start: spec.start + spec.nbytes].clone().view(TORCH_DTYPES[spec.dtype]).view(spec.shape)
-        else:
-            flat = typed.get(spec.dtype)
-            if flat is None:
-                flat = typed[spec.dtype] = buf[: nbytes - nbytes % itemsize].view(TORCH_DTYPES[spec.dtype])
-            # (numel,) elements from start -> spec.shape, row-major
-            tensor = flat.as_strided(spec.shape, _strides(spec.shape), spec.start // itemsize)
-        tensors[key] = tensor if share else tensor.clone()
-        if not share or not spec.floating or spec.start % itemsize:
+    if not share:
+        return FileTensors(tensors=tensors, runs=runs, in_runs=in_runs)
+    run = None  # [dtype, start, end] of the float run being extended
+    for (key, spec), size in zip(order, sizes):
+        if not spec.floating or spec.start % _itemsize(spec.dtype):
             continue
         in_runs.add(key)
-        if spec.dtype == run_dtype and spec.start == run_end:
-            run_end += spec.nbytes
+        if run is not None and run[0] == spec.dtype and run[2] == spec.start:
+            run[2] += size
             continue
-        if run_dtype is not None and run_end > run_start:
-            runs.append(typed[run_dtype][run_start // _itemsize(run_dtype): run_end // _itemsize(run_dtype)])
-        run_dtype, run_start, run_end = spec.dtype, spec.start, spec.start + spec.nbytes
-    if share and run_dtype is not None and run_end > run_start:
-        runs.append(typed[run_dtype][run_start // _itemsize(run_dtype): run_end // _itemsize(run_dtype)])
-    return FileTensors(tensors=tensors, runs=runs, in_runs=in_runs)
+        if run is not None:
+            runs.append(_typed(buf, run))
+        run = [spec.dtype, spec.start, spec.start + size]
+    if run is not None:
+        runs.append(_typed(buf, run))
+    return FileTensors(tensors=tensors, runs=[r for r in runs if r.numel()], in_runs=in_runs)
+
+
+def _typed(buf: torch.Tensor, run: list) -> torch.Tensor:
+    """The bytes [start, end) of ``buf`` as a 1-D tensor of ``dtype`` (run = [dtype, start, end])."""
+    dtype, start, end = run
+    return buf[start:end].view(TORCH_DTYPES[dtype])
+
+
+def _views(buf: torch.Tensor, order: list[tuple[str, TensorSpec]], nbytes: int) -> dict[str, torch.Tensor]:
+    """Every tensor as a view of ``buf``: tensors of one kind, dtype and shape equally spaced (one per layer)
+    come from one strided view of the run, split in one call; a misaligned one is a copy of its bytes."""
+    groups: dict[tuple, list[tuple[int, str]]] = {}
+    views: dict[str, torch.Tensor] = {}
+    for key, spec in order:
+        if spec.start % _itemsize(spec.dtype):  # a writer without safetensors' padding
+            views[key] = buf[spec.start: spec.start + spec.nbytes].clone().view(TORCH_DTYPES[spec.dtype]).view(spec.shape)
+        else:
+            groups.setdefault((kind(key), spec.dtype, spec.shape), []).append((spec.start, key))
+    typed: dict[str, torch.Tensor] = {}  # dtype name -> the whole buffer viewed as that dtype
+    for (_, dtype, shape), members in groups.items():
+        itemsize = _itemsize(dtype)
+        flat = typed.get(dtype)
+        if flat is None:
+            flat = typed[dtype] = buf[: nbytes - nbytes % itemsize].view(TORCH_DTYPES[dtype])
+        numel, strides = math.prod(shape), _strides(shape)
+        for positions, step in spaced_runs([start // itemsize for start, _ in members], numel):
+            first = members[positions[0]][0] // itemsize
+            # (n, *shape) over the run, n tensors ``step`` elements apart -> n views of shape
+            run = flat.as_strided((len(positions), *shape), (step, *strides), first)
+            for p, view in zip(positions, run.unbind(0)):
+                views[members[p][1]] = view
+    return views
 
 
 def _itemsize(dtype: str) -> int:
