@@ -270,8 +270,9 @@ def _plan_load(adapter: AdapterFile, base_modules: dict[str, nn.Module], reuse_t
     scaled, stacks = scaled_transposed([(name, mw.lora_B, scaling) for name, mw, _, _, scaling in todo],
                                        in_place=reuse_tensors and adapter.disjoint)
     covered: set[int] = set()  # ids of the B the plan keeps as scaled_transposed made them (its stacks hold them)
+    cpu32 = (torch.float32, torch.device("cpu"))
     for (name, mw, base, rank, scaling), B_t in zip(todo, scaled):
-        dtype, device = weight_dtype_device(base)
+        dtype, device = layout = weight_dtype_device(base)
         to = dict(dtype=dtype, device=device)
         B_scaled = B_t.T  # (d_out, r) as a view of a contiguous (r, d_out)
         bias = None if mw.lora_B_bias is None else (mw.lora_B_bias.float() * scaling).to(**to)
@@ -280,7 +281,11 @@ def _plan_load(adapter: AdapterFile, base_modules: dict[str, nn.Module], reuse_t
             dora_scale = _dora_scale(base, mw.lora_A.to(device), B_scaled.to(device), mw.magnitude.to(device)).to(**to)
         # embeddings look rows up in A: store it (num_embeddings, r)
         A = mw.lora_A.T.contiguous() if isinstance(base, nn.Embedding) else mw.lora_A
-        entry = plan.lora[name] = SlotWeights(A=A.to(**to).contiguous(), B=B_scaled.to(**to), bias=bias, dora_scale=dora_scale)
+        if layout == cpu32 and A.dtype == dtype and A.device == device:  # the common case: no cast, no move
+            A, B = A.contiguous(), B_scaled  # (B_scaled is float32 on the CPU already)
+        else:
+            A, B = A.to(**to).contiguous(), B_scaled.to(**to)
+        entry = plan.lora[name] = SlotWeights(A=A, B=B, bias=bias, dora_scale=dora_scale)
         if entry.B is B_scaled:
             covered.add(id(B_scaled))
         plan.ranks[name], plan.scalings[name] = rank, scaling

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from loramux import huge_pages
-from loramux.st_header import TensorSpec
+from loramux.st_header import FLOAT_DTYPES, ITEMSIZE, TensorSpec
 from loramux.strided import kind, spaced_runs
 
 TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -91,7 +91,7 @@ def read_tensors(path: Path, specs: dict[str, TensorSpec], *, share: bool) -> Fi
         return FileTensors(tensors=tensors, runs=runs, in_runs=in_runs)
     run = None  # [dtype, start, end] of the float run being extended
     for (key, spec), size in zip(order, sizes):
-        if not spec.floating or spec.start % _itemsize(spec.dtype):
+        if spec.dtype not in FLOAT_DTYPES or spec.start % ITEMSIZE[spec.dtype]:
             continue
         in_runs.add(key)
         if run is not None and run[0] == spec.dtype and run[2] == spec.start:
@@ -117,13 +117,13 @@ def _views(buf: torch.Tensor, order: list[tuple[str, TensorSpec]], nbytes: int) 
     groups: dict[tuple, list[tuple[int, str]]] = {}
     views: dict[str, torch.Tensor] = {}
     for key, spec in order:
-        if spec.start % _itemsize(spec.dtype):  # a writer without safetensors' padding
+        if spec.start % ITEMSIZE[spec.dtype]:  # a writer without safetensors' padding
             views[key] = buf[spec.start: spec.start + spec.nbytes].clone().view(TORCH_DTYPES[spec.dtype]).view(spec.shape)
         else:
             groups.setdefault((kind(key), spec.dtype, spec.shape), []).append((spec.start, key))
     typed: dict[str, torch.Tensor] = {}  # dtype name -> the whole buffer viewed as that dtype
     for (_, dtype, shape), members in groups.items():
-        itemsize = _itemsize(dtype)
+        itemsize = ITEMSIZE[dtype]
         flat = typed.get(dtype)
         if flat is None:
             flat = typed[dtype] = buf[: nbytes - nbytes % itemsize].view(TORCH_DTYPES[dtype])
@@ -135,10 +135,6 @@ def _views(buf: torch.Tensor, order: list[tuple[str, TensorSpec]], nbytes: int) 
             for p, view in zip(positions, run.unbind(0)):
                 views[members[p][1]] = view
     return views
-
-
-def _itemsize(dtype: str) -> int:
-    return TORCH_DTYPES[dtype].itemsize
 
 
 def _strides(shape: tuple[int, ...]) -> tuple[int, ...]:
