@@ -123,8 +123,8 @@ def test_loaded_adapter_matches_peft_and_file_stays_unchanged(base, tmp_path):
 
 
 def test_non_lora_tensors_get_memory_of_their_own(base, tmp_path):
-    """A file with modules_to_save tensors is read tensor by tensor's own memory: the copies the load makes of
-    them must not leave the file's whole buffer held by the LoRA tensors."""
+    """A file with modules_to_save tensors gives each tensor memory of its own: the load copies those tensors
+    into the module's copy, and the LoRA tensors must not keep the whole file's buffer (theirs too) alive."""
     path = make_adapter(base, tmp_path / "m", seed=5, r=4, target_modules=["q_proj"], modules_to_save=["lm_head"])
     parsed = loramux.adapter.read_adapter(path)
     for mw in parsed.modules.values():

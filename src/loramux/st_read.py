@@ -9,9 +9,12 @@ a view of it, made from the header ``st_header.read_header`` already parsed and 
   validation: offsets contiguous, no overlaps or gaps, metadata a string map), without reading data.
 - The buffer is memory the adapter owns, not a mapping of the file: a mapping would keep every byte
   resident as long as a tensor lives, and crash the process (SIGBUS) if the file is rewritten in place.
-- The buffer comes from numpy where transparent huge pages are on (``huge_pages.available``): numpy
-  madvises large arrays onto 2 MiB pages, and a fresh 78 MB buffer then fills at ~3 GB/s instead of
-  ~1 GB/s on 4 KiB pages (page faults; measured here, one process, alternating).
+- The buffer comes from numpy where transparent huge pages are on (``huge_pages.available``; off with
+  ``LORAMUX_HUGE_PAGES=0``): numpy madvises large arrays onto 2 MiB pages, and a fresh 78 MB buffer then
+  fills at ~3 GB/s instead of ~1 GB/s on 4 KiB pages (page faults). Measured here (one process, loads
+  kept resident, the two alternating by round, 10 rounds): rank-32/64 loads 49/76 ms vs 72/119 ms on
+  4 KiB pages, ranks 8/16 the same; but 2 of 10 rank-64 loads took 210-235 ms (the kernel compacting
+  memory for huge pages on first touch, THP defrag ``madvise``), where 4 KiB pages never passed 132 ms.
 - ``share=False`` (the file holds tensors a load drops or copies: modules_to_save, saved base layers)
   gives every tensor its own memory, as before, so no dropped tensor's bytes stay held by the others.
 """
