@@ -142,3 +142,31 @@ def test_nan_in_one_tensor_is_named(base, tmp_path):
     with pytest.raises(AdapterWeightsError, match=key.replace(".", r"\.") + ".*NaN or inf"):
         model.load_adapter(path, adapter_name="n")
     assert dict(model.adapters) == {}
+
+
+def test_failure_after_in_place_scaling_leaves_model_and_file_as_they_were(base, tmp_path):
+    """The B are scaled over their own bytes before the overflow check refuses the load: the model keeps
+    only what it had, the file is untouched, and the adapter it had still answers as before."""
+    good = make_adapter(base, tmp_path / "good", seed=8, r=4, target_modules=["q_proj", "v_proj"])
+    bad = make_adapter(base, tmp_path / "bad", seed=9, r=4, target_modules=["q_proj", "v_proj", "down_proj"])
+    tensors = load_file(str(bad / WEIGHTS))
+    for key in tensors:
+        if "down_proj.lora_B" in key:
+            tensors[key].fill_(1e30)  # finite, but * alpha/r overflows float32 only once scaled
+    save_file(tensors, str(bad / WEIGHTS))
+    cfg = json.loads((bad / "adapter_config.json").read_text())
+    cfg["lora_alpha"] = 1e10
+    (bad / "adapter_config.json").write_text(json.dumps(cfg))
+    before = (bad / WEIGHTS).read_bytes()
+    model = MultiLoraModel(copy.deepcopy(base))
+    model.load_adapter(good, adapter_name="good")
+    ids = torch.randint(3, VOCAB, (2, 5), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = model(input_ids=ids, adapter_names=["good", "good"]).logits
+    modules = sorted(n for n, _ in model.base_model.named_modules())
+    with pytest.raises(AdapterWeightsError, match="down_proj.*scaled lora_B.*overflows"):
+        model.load_adapter(bad, adapter_name="bad")
+    assert list(model.adapters) == ["good"] and (bad / WEIGHTS).read_bytes() == before
+    assert sorted(n for n, _ in model.base_model.named_modules()) == modules  # no wrapper left on down_proj
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids, adapter_names=["good", "good"]).logits, expected, atol=0, rtol=0)
