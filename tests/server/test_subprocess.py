@@ -210,9 +210,15 @@ def test_metrics_expose_the_issue_series(server, client):
     for name in ["loramux_requests_total", "loramux_prompt_tokens_total", "loramux_generation_tokens_total",
                  "loramux_time_to_first_token_seconds_bucket", "loramux_inter_token_latency_seconds_bucket",
                  "loramux_requests_running", "loramux_requests_waiting", "loramux_adapters_resident",
-                 "loramux_adapter_loads_total", "loramux_adapter_evictions_total", "loramux_adapter_load_errors_total"]:
+                 "loramux_adapter_loads_total", "loramux_adapter_evictions_total", "loramux_adapter_load_errors_total",
+                 "loramux_prefix_cache_hit_tokens_total", "loramux_prefix_cache_bytes", "loramux_prefix_cache_entries"]:
         assert name in names, name
     assert metric(server, "loramux_generation_tokens_total", {"model": "a4"}) >= 4
+    hit_before = metric(server, "loramux_prefix_cache_hit_tokens_total")
+    prompt = "the same prompt of several tokens, twice"
+    for _ in range(2):
+        client.completions.create(model="a4", prompt=prompt, max_tokens=1, temperature=0)
+    assert metric(server, "loramux_prefix_cache_hit_tokens_total") > hit_before  # the second reused the first's KV
     assert metric(server, "loramux_adapter_load_errors_total") >= 0
 
 

@@ -37,6 +37,11 @@ _ENGINE_SERIES = (
     ("decode_seconds", "loramux_engine_decode_seconds", "counter",
      "seconds in decode forwards (one per step): divided by steps, the step time the clients see"),
     ("prefill_seconds", "loramux_engine_prefill_seconds", "counter", "seconds in prefill forwards"),
+    ("prefix_cache_queries", "loramux_prefix_cache_queries", "counter", "prefills that looked up the prefix cache"),
+    ("prefix_cache_hits", "loramux_prefix_cache_hits", "counter", "prefills that reused cached prompt KV"),
+    ("prefix_cache_hit_tokens", "loramux_prefix_cache_hit_tokens", "counter", "prompt tokens not recomputed"),
+    ("prefix_cache_bytes", "loramux_prefix_cache_bytes", "gauge", "bytes of prompt KV held for reuse"),
+    ("prefix_cache_entries", "loramux_prefix_cache_entries", "gauge", "cached prompt prefixes"),
 )
 
 
