@@ -32,8 +32,8 @@ from loramux.adapter_config import (  # noqa: F401 - re-exported: the config hal
     CONFIG_NAME, MAX_CONFIG_BYTES, PICKLE_NAME, SAFETENSORS_NAME, AdapterConfig, pattern_key, read_config)
 from loramux.config_schema import show
 from loramux.errors import AdapterError, AdapterNotFoundError, AdapterWeightsError
-from loramux.st_header import TensorSpec, read_header
-from loramux.st_read import read_tensors
+from loramux.st_header import FLOAT_DTYPES, TensorSpec, read_header
+from loramux.st_read import TORCH_DTYPES, read_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -198,7 +198,7 @@ def _read_tensors(path: Path, config: AdapterConfig, allow_pickle: bool,
     raise AdapterNotFoundError(f"{path}: no {SAFETENSORS_NAME} (or {PICKLE_NAME}) next to {CONFIG_NAME}")
 
 
-_ST_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+_ST_NAMES = {TORCH_DTYPES[name]: name for name in FLOAT_DTYPES}  # torch float dtype -> safetensors name
 
 
 def spec_of(tensor: torch.Tensor) -> TensorSpec:
