@@ -52,6 +52,20 @@ def make_peft_adapters(base, root: Path, count: int) -> list[tuple[str, Path, in
     return [(f"a{i}", root / f"a{i}", RANKS[i % len(RANKS)]) for i in range(count)]
 
 
+def machine() -> str:
+    """The CPU the figures come from ("Intel(R) Xeon(R) Processor, AVX512"): the same script gives other ratios on
+    another CPU (MKL, the kernels' ISA, cache sizes), and the development machine has changed between runs."""
+    import platform
+
+    name = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+    except OSError:
+        pass
+    return f"{name}, {torch.backends.cpu.get_cpu_capability()}"
+
+
 def rss_bytes() -> int:
     """This process's resident set size now (Linux)."""
     with open("/proc/self/statm") as f:

@@ -37,7 +37,6 @@ import datetime
 import gc
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -54,7 +53,7 @@ from pathlib import Path
 OMP_POLICY = os.environ.get("OMP_WAIT_POLICY", "default (unset)")
 
 import torch  # noqa: E402
-from bench_common import MD_PATH, RANKS, build_base, make_peft_adapters, rss_bytes, write_section  # noqa: E402
+from bench_common import MD_PATH, RANKS, build_base, machine, make_peft_adapters, rss_bytes, write_section  # noqa: E402
 from bench_steps import bench_steps, step_lines, step_rows  # noqa: E402
 
 warnings.filterwarnings("ignore")
@@ -367,7 +366,7 @@ def print_table(res: dict) -> None:
 
 def markdown(res: dict, command: str) -> str:
     env = (f"torch {torch.__version__}, transformers {res['versions']['transformers']}, peft {res['versions']['peft']}, "
-           f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+           f"{machine()}, {torch.get_num_threads()} threads, "
            f"OMP_WAIT_POLICY={OMP_POLICY}")
     out = [START, "## Core benchmark", "",
            f"Command: `{command}`{' (BENCH_QUICK=1: fewer repetitions)' if QUICK else ''}; run {res['date']}; {env}; "
@@ -421,7 +420,7 @@ def main() -> int:
             write_section(STEPS_START, STEPS_END, "\n".join(
                 [STEPS_START, "## Decode steps against the floor (bench_core.py --steps-only)", "",
                  f"Command: `.venv/bin/python benchmarks/bench_core.py --steps-only`; run {res['date']}; torch {torch.__version__}, "
-                 f"{torch.get_num_threads()} threads, OMP_WAIT_POLICY={OMP_POLICY}; {res['runtime'] / 60:.0f} min; 1-min load "
+                 f"{machine()}, {torch.get_num_threads()} threads, OMP_WAIT_POLICY={OMP_POLICY}; {res['runtime'] / 60:.0f} min; 1-min load "
                  f"average {res['load_before']:.1f} at start, {res['load_after']:.1f} at end."] + steps_markdown(res) + [STEPS_END]) + "\n")
             print(f"wrote the steps section of {MD_PATH}")
         return 0

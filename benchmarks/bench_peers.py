@@ -34,7 +34,7 @@ import tarfile
 import time
 from pathlib import Path
 
-from bench_common import write_section
+from bench_common import machine, write_section
 
 ROOT = Path(__file__).resolve().parent.parent
 LLAMA_CPP_PYTHON = "0.3.36"  # the sdist whose vendored llama.cpp is built
@@ -144,10 +144,23 @@ def loramux_server(port: int, dtype: str | None) -> Server:
     return Server("loramux" + (f" {dtype}" if dtype else ""), cmd + (["--base-dtype", dtype] if dtype else []), port)
 
 
-def llama_server(binary: Path, model: Path, adapters: dict[str, Path], port: int, label: str) -> Server:
+def llama_server(binary: Path, model: Path, adapters: dict[str, Path], port: int, label: str,
+                 repack: bool = True) -> Server:
+    """``llama-server`` on ``model`` with the 4 adapters loaded (off until a request asks). ``repack=False`` passes
+    ``--no-repack``: on an AMX Xeon, this build's repacked (AMX) Q4_1 weights crash the server as it starts
+    (segfault after its thread pool starts, with and without ``--lora``; seen 2026-12-02); F32 is not repacked."""
     cmd = [binary, "-m", model, "--lora", ",".join(str(adapters[n]) for n in ADAPTERS), "--lora-init-without-apply",
-           "--port", port, "-t", THREADS, "-tb", THREADS, "-np", 16, "-c", 16 * 512, "--no-webui"]
+           "--port", port, "-t", THREADS, "-tb", THREADS, "-np", 16, "-c", 16 * 512, "--no-webui",
+           *([] if repack else ["--no-repack"])]
     return Server(label, cmd, port)
+
+
+def _has_amx() -> bool:
+    """Whether this CPU has AMX tiles (Linux: /proc/cpuinfo's flags), where llama.cpp repacks Q4_1 for them."""
+    try:
+        return "amx_tile" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
 
 
 # ---------------------------------------------------------------------------- workload
@@ -208,7 +221,8 @@ def bench(servers: dict, rounds: int, scenarios: dict = SCENARIOS, tokens: int =
 def markdown(results: dict, rounds: int, load: tuple[float, float], tokens: int = 64) -> str:
     out = [START, "## Peers: llama.cpp llama-server", "",
            f"Command: `.venv/bin/python benchmarks/bench_peers.py{''.join(' ' + a for a in sys.argv[1:])}`; run {datetime.datetime.now():%Y-%m-%d %H:%M}; "
-           f"llama.cpp vendored in llama-cpp-python {LLAMA_CPP_PYTHON}; {THREADS} threads each, 16 parallel slots; "
+           f"{machine()}; llama.cpp vendored in llama-cpp-python {LLAMA_CPP_PYTHON}"
+           f"{' (Q4_1 with --no-repack: its AMX repacking crashes on this CPU)' if _has_amx() else ''}; {THREADS} threads each, 16 parallel slots; "
            f"completions of {tokens} tokens (ignore_eos, temperature 0); medians of {rounds} alternating rounds (tok/s); "
            f"1-min load average {load[0]:.1f} at start, {load[1]:.1f} at end.", "",
            "| server | " + " | ".join(next(iter(results.values()))) + " |", "|---" * (len(next(iter(results.values()))) + 1) + "|"]
@@ -238,7 +252,8 @@ def main() -> int:
         return 0
     servers = {"loramux fp32": ("loramux", lambda: loramux_server(8401, None)),
                "llama.cpp F32 GGUF": ("llama", lambda: llama_server(binary, base, adapters, 8402, "llama.cpp F32")),
-               "llama.cpp Q4_1 GGUF": ("llama", lambda: llama_server(binary, q4_1, adapters, 8403, "llama.cpp Q4_1"))}
+               "llama.cpp Q4_1 GGUF": ("llama", lambda: llama_server(binary, q4_1, adapters, 8403, "llama.cpp Q4_1",
+                                                                             repack=not _has_amx()))}
     if args.int8:
         servers["loramux int8"] = ("loramux", lambda: loramux_server(8404, "int8"))
     if args.only:
