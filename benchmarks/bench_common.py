@@ -7,6 +7,7 @@ figures of different scripts can be read side by side.
 from __future__ import annotations
 
 import copy
+import functools
 import os
 from pathlib import Path
 
@@ -52,18 +53,29 @@ def make_peft_adapters(base, root: Path, count: int) -> list[tuple[str, Path, in
     return [(f"a{i}", root / f"a{i}", RANKS[i % len(RANKS)]) for i in range(count)]
 
 
+@functools.lru_cache(maxsize=1)
+def _cpuinfo() -> str:
+    """/proc/cpuinfo's text, read once ("" where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
 def machine() -> str:
     """The CPU the figures come from ("Intel(R) Xeon(R) Processor, AVX512"): the same script gives other ratios on
     another CPU (MKL, the kernels' ISA, cache sizes), and the development machine has changed between runs."""
     import platform
 
-    name = platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
-    except OSError:
-        pass
+    name = next((line.split(":", 1)[1].strip() for line in _cpuinfo().splitlines() if line.startswith("model name")),
+                platform.machine())
     return f"{name}, {torch.backends.cpu.get_cpu_capability()}"
+
+
+def has_cpu_flag(flag: str) -> bool:
+    """Whether /proc/cpuinfo lists ``flag`` (e.g. "amx_tile") for this CPU; False where it cannot tell."""
+    return any(line.startswith("flags") and flag in line.split() for line in _cpuinfo().splitlines())
 
 
 def rss_bytes() -> int:

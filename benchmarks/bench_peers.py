@@ -10,7 +10,8 @@ Not part of CI: the first run builds llama.cpp (~15 min on 2 cores), cached afte
    with ``convert_lora_to_gguf.py``. llama.cpp's Q4_1 row uses the embedded GGUF file itself.
 3. Serve: ``loramux serve --preload-adapters`` (bundled adapters, loaded at start-up) and ``llama-server -m BASE --lora a,b,c,d`` (one comma list:
    several ``--lora`` flags keep only the last), each alone on the machine, 2 threads, 16 parallel slots.
-   Requests select an adapter by ``model`` (loramux) and by ``lora: [{id, scale}]`` (llama.cpp).
+   Requests select an adapter by ``model`` (loramux) and by ``lora: [{id, scale}]`` (llama.cpp). On CPUs with
+   AMX, Q4_1 runs with ``--no-repack`` (see ``llama_server``).
 4. Workload per scenario: C concurrent clients, each sending R completions of 64 tokens (``ignore_eos``,
    temperature 0) over fixed prompts; throughput = completion tokens / wall time. Scenarios: 16 clients
    base only, 16 clients over 4 adapters (mixed), 1 client. Rounds alternate which server runs first.
@@ -34,7 +35,7 @@ import tarfile
 import time
 from pathlib import Path
 
-from bench_common import machine, write_section
+from bench_common import has_cpu_flag, machine, write_section
 
 ROOT = Path(__file__).resolve().parent.parent
 LLAMA_CPP_PYTHON = "0.3.36"  # the sdist whose vendored llama.cpp is built
@@ -155,14 +156,6 @@ def llama_server(binary: Path, model: Path, adapters: dict[str, Path], port: int
     return Server(label, cmd, port)
 
 
-def _has_amx() -> bool:
-    """Whether this CPU has AMX tiles (Linux: /proc/cpuinfo's flags), where llama.cpp repacks Q4_1 for them."""
-    try:
-        return "amx_tile" in Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-
-
 # ---------------------------------------------------------------------------- workload
 def request_body(kind: str, adapter: str | None, prompt: str, tokens: int) -> dict:
     body = {"prompt": prompt, "max_tokens": tokens, "temperature": 0.0, "ignore_eos": True}
@@ -222,7 +215,7 @@ def markdown(results: dict, rounds: int, load: tuple[float, float], tokens: int 
     out = [START, "## Peers: llama.cpp llama-server", "",
            f"Command: `.venv/bin/python benchmarks/bench_peers.py{''.join(' ' + a for a in sys.argv[1:])}`; run {datetime.datetime.now():%Y-%m-%d %H:%M}; "
            f"{machine()}; llama.cpp vendored in llama-cpp-python {LLAMA_CPP_PYTHON}"
-           f"{' (Q4_1 with --no-repack: its AMX repacking crashes on this CPU)' if _has_amx() else ''}; {THREADS} threads each, 16 parallel slots; "
+           f"{' (Q4_1 with --no-repack: its AMX repacking crashes on this CPU)' if has_cpu_flag('amx_tile') else ''}; {THREADS} threads each, 16 parallel slots; "
            f"completions of {tokens} tokens (ignore_eos, temperature 0); medians of {rounds} alternating rounds (tok/s); "
            f"1-min load average {load[0]:.1f} at start, {load[1]:.1f} at end.", "",
            "| server | " + " | ".join(next(iter(results.values()))) + " |", "|---" * (len(next(iter(results.values()))) + 1) + "|"]
@@ -253,7 +246,7 @@ def main() -> int:
     servers = {"loramux fp32": ("loramux", lambda: loramux_server(8401, None)),
                "llama.cpp F32 GGUF": ("llama", lambda: llama_server(binary, base, adapters, 8402, "llama.cpp F32")),
                "llama.cpp Q4_1 GGUF": ("llama", lambda: llama_server(binary, q4_1, adapters, 8403, "llama.cpp Q4_1",
-                                                                             repack=not _has_amx()))}
+                                                                             repack=not has_cpu_flag("amx_tile")))}
     if args.int8:
         servers["loramux int8"] = ("loramux", lambda: loramux_server(8404, "int8"))
     if args.only:
