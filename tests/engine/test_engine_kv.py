@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import random
 
+import pytest
 import torch
 
 from loramux.engine.kv import RowsKV
@@ -131,3 +132,28 @@ def test_a_join_that_grows_the_buffers_leaves_room_for_the_next_decode_columns()
         else:
             _feed(batch, torch.zeros(batch.rows, 1))
     assert relaid >= 3
+
+
+def test_a_decode_column_written_in_place_shows_in_keys_after_advance_and_assignment_is_refused():
+    """``decode_stack`` writes column ``end`` of the buffers itself and calls ``advance``: the layers' ``keys`` /
+    ``values`` (sliced when read) then include that column, as after ``update``; assigning them is refused,
+    since the buffers are the state (transformers' beam reordering would otherwise bypass them)."""
+    kv = RowsKV()
+    kv.begin(2)
+    _feed(kv, torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
+    before = [layer.keys.clone() for layer in kv.layers]
+    buf_k, buf_v, start, end = kv.decode_columns(2)
+    for i, (bk, bv) in enumerate(zip(buf_k, buf_v)):
+        bk[:2, :, end] = 10.0 + i
+        bv[:2, :, end] = -10.0 - i
+    kv.extend_mask(1, torch.device("cpu"))
+    kv.advance()
+    for i, layer in enumerate(kv.layers):
+        assert layer.keys.shape == (2, H, 3, D) and layer.get_seq_length() == 3 == kv.width
+        assert torch.equal(layer.keys[:, :, :2], before[i]) and (layer.keys[:, :, 2] == 10.0 + i).all()
+        assert (layer.values[:, :, 2] == -10.0 - i).all()
+    _check(kv, [0, 1], {0: [1.0, 2.0, 10.0], 1: [3.0, 4.0, 10.0]})
+    for field in ("keys", "values"):
+        with pytest.raises(NotImplementedError, match="keeps its keys and values in its buffers"):
+            setattr(kv.layers[0], field, torch.zeros(2, H, 3, D))
+    assert kv.layers[0].keys.shape == (2, H, 3, D) and (kv.layers[0].keys[:, :, 2] == 10.0).all()  # unchanged

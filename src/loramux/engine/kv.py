@@ -36,13 +36,51 @@ def _room(n: int, minimum: int = 32) -> int:
 
 
 class _RowsLayer(DynamicLayer):
-    """One layer's keys/values; ``keys``/``values`` view the live window (what attention reads)."""
+    """One layer's keys/values; ``keys``/``values`` view the live window (what attention reads).
+
+    The views are sliced when read after the window moved, not on every move: a decode step through
+    ``decode_stack`` moves every layer's window by a column and reads none of them (two slices a layer,
+    ~0.3 ms of a B1 step on this machine's cold interpreter). They are read-only: the buffers are the
+    state, written by ``update`` and ``RowsKV``'s row operations."""
 
     def __init__(self) -> None:
         super().__init__()
         self.buf_k: torch.Tensor | None = None
         self.buf_v: torch.Tensor | None = None
         self.rows = self.start = self.end = 0
+
+    @property
+    def keys(self) -> torch.Tensor | None:
+        return self._views()[0]
+
+    @keys.setter
+    def keys(self, tensor: torch.Tensor | None) -> None:
+        self._assigned(tensor)
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        return self._views()[1]
+
+    @values.setter
+    def values(self, tensor: torch.Tensor | None) -> None:
+        self._assigned(tensor)
+
+    def _views(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        views = self._window  # set (None) by the setters when transformers' base __init__ assigns None
+        if views is None:
+            if self.buf_k is None:
+                return None, None
+            views = self._window = (self.buf_k[: self.rows, :, self.start: self.end],   # (B, H, width, D)
+                                    self.buf_v[: self.rows, :, self.start: self.end])
+        return views
+
+    def _assigned(self, tensor: torch.Tensor | None) -> None:
+        """transformers' layer base sets ``keys``/``values`` to None on creation; anything else would bypass the
+        buffers (transformers' beam reordering or offloading, which a RowsKV does not support): refused."""
+        if tensor is not None:
+            raise NotImplementedError("a RowsKV layer keeps its keys and values in its buffers: they change through "
+                                      "update() and RowsKV's row operations, not by assignment")
+        self._window = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -59,12 +97,12 @@ class _RowsLayer(DynamicLayer):
         layer.buf_k[:, :, :length] = keys
         layer.buf_v[:, :, :length] = values
         layer.rows, layer.start, layer.end = b, 0, length
-        layer._view()
+        layer._moved()
         return layer
 
-    def _view(self) -> None:
-        self.keys = self.buf_k[: self.rows, :, self.start: self.end]
-        self.values = self.buf_v[: self.rows, :, self.start: self.end]
+    def _moved(self) -> None:
+        """The live window or the buffers changed: ``keys``/``values`` are sliced anew when next read."""
+        self._window = None
 
     def resize(self, rows_cap: int, cols_cap: int, start: int) -> None:
         """New buffers with the live window copied to columns starting at ``start``."""
@@ -75,7 +113,7 @@ class _RowsLayer(DynamicLayer):
         buf_k[: self.rows, :, start: start + width] = self.buf_k[: self.rows, :, self.start: self.end]
         buf_v[: self.rows, :, start: start + width] = self.buf_v[: self.rows, :, self.start: self.end]
         self.buf_k, self.buf_v, self.start, self.end = buf_k, buf_v, start, start + width
-        self._view()
+        self._moved()
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         # key_states: (B, H, T, D), the T new tokens of every live row
@@ -91,7 +129,7 @@ class _RowsLayer(DynamicLayer):
         self.buf_k[: self.rows, :, self.end: self.end + t] = key_states
         self.buf_v[: self.rows, :, self.end: self.end + t] = value_states
         self.end += t
-        self._view()
+        self._moved()
         return self.keys, self.values
 
     def get_seq_length(self) -> int:
@@ -102,7 +140,7 @@ class _RowsLayer(DynamicLayer):
         width = self.end - self.start
         keep = width + max_length if max_length < 0 else min(max_length, width)
         self.end = self.start + max(0, keep)
-        self._view()
+        self._moved()
 
 
 class RowsKV(Cache):
@@ -182,7 +220,7 @@ class RowsKV(Cache):
         """Every layer's window takes in the column ``decode_stack`` wrote (what ``update`` does after its write)."""
         for layer in self.layers:
             layer.end += 1
-            layer._view()
+            layer._moved()
 
     @classmethod
     def from_cache(cls, cache: Cache) -> "RowsKV":
@@ -228,7 +266,7 @@ class RowsKV(Cache):
             mine.buf_k[rows, :, mine.start + pad: mine.end] = theirs.keys
             mine.buf_v[rows, :, mine.start + pad: mine.end] = theirs.values
             mine.rows = old + new
-            mine._view()
+            mine._moved()
         left = lambda m, n: torch.nn.functional.pad(m, (n, 0)) if n else m  # noqa: E731 - zeros on the left
         self.mask = torch.cat([left(self.mask, grow), left(other.mask, width - other.width)], dim=0)
         self.lengths += other.lengths
@@ -282,5 +320,5 @@ class RowsKV(Cache):
             width = layer.end - layer.start
             if rows and (rows_cap > 2 * rows + 4 or cols_cap > 2 * width + 64):
                 layer.resize(_room(rows, 4), _room(width) + 32, 32)
-            layer._view()
+            layer._moved()
         return order
