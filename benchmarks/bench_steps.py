@@ -131,9 +131,9 @@ def bench_steps(base, reps: int, root: Path) -> dict:
     base8 = copy.deepcopy(base)
     quantize_model(base8)
     lm8 = MultiLoraModel(base8)
-    names = []
+    names, adapter_bytes = [], 0
     for path in paths:
-        lm.load_adapter(path, adapter_name=path.name)
+        adapter_bytes += lm.load_adapter(path, adapter_name=path.name).nbytes
         lm8.load_adapter(path, adapter_name=path.name)
         names.append(path.name)
     mixed16 = [names[i % 4] for i in range(16)]
@@ -170,6 +170,8 @@ def bench_steps(base, reps: int, root: Path) -> dict:
                     times[k].append(run(k, clock))
             return {"times": {k: statistics.median(v) for k, v in times.items()}, "samples": times,
                     "bw": floor.bw, "peak": floor.peak, "nbytes": nbytes, "count": count, "nbytes8": nbytes8,
+                    "adapter_bytes": adapter_bytes,  # the mixed rows read these too (their floor: informative)
+                    "floor_mixed": floor.seconds(16, nbytes + adapter_bytes, count),
                     "floor": {b: floor.seconds(b, nbytes, count) for b in (1, 16)},
                     "floor8": {b: floor.seconds(b, nbytes8, count) for b in (1, 16)}, "load": os.getloadavg()[0],
                     "pages": floor.pages}
@@ -207,6 +209,9 @@ def step_lines(res: dict) -> list[str]:
             f"{res['pages']}, range {min(res['bw']) / 1e9:.1f}-{max(res['bw']) / 1e9:.1f}) = {res['floor'][1] * 1e3:.1f} ms at B1; "
             f"B16: max(that, {2 * 16 * res['count'] / 1e9:.1f} GFLOP at {peak / 1e9:.0f} GFLOP/s sgemm) = "
             f"{res['floor'][16] * 1e3:.1f} ms",
+            f"B16 mixed also reads its 4 adapters' {res['adapter_bytes'] / 2**20:.0f} MiB (float32 A and B of every targeted "
+            f"layer): with them the floor is {res['floor_mixed'] * 1e3:.1f} ms, and B16 mixed is "
+            f"{t['loramux B16 mixed 4 adapters'] / res['floor_mixed']:.2f}x that (target 2 counts the base's bytes only)",
             f"int8 rows: {res['nbytes8'] / 2**20:.0f} MiB of int8 weights and scales = {res['floor8'][1] * 1e3:.1f} ms at B1, "
             f"{res['floor8'][16] * 1e3:.1f} ms at B16; int8 / fp32 loramux: B1 base "
             f"{t['int8 B1 base'] / t['loramux B1 base']:.2f}, B16 mixed "

@@ -11,8 +11,8 @@ wrapper adds nothing or plain LoRA for the batch (``LoraLayer.decode_delta``: on
 with no hooks, the layer is two kernel calls around its KV cache write and attention (``decode_block_qkv``:
 norm, q/k/v, their adapters, rotary; ``decode_block_mlp``: o_proj, residual, norm, MLP, residual, each
 projection's adapters): C++ calls the same kernels and ATen ops, and the grouped-LoRA extension's own
-``grouped_lora_add`` by address, so the bits are those of the module calls. Measured on the default model (one
-process, alternating, 1 thread): B1 base 50.0 vs 54.6 ms, int8 29.9 vs 32.2; B1 over a rank-8 all-linear
+``grouped_lora_add`` code by address (its raw-rows entry), so the bits are those of the module calls. Measured on
+the default model (one process, alternating, 1 thread): B1 base 50.0 vs 54.6 ms, int8 29.9 vs 32.2; B1 over a rank-8 all-linear
 adapter 59.6 vs 70.5 ms; B16 over 4 adapters 150.3 vs 156.8. DoRA, LoRA biases, ``modules_to_save`` copies
 and hooks keep the module calls.
 
@@ -166,9 +166,9 @@ def _block_plan(layer: nn.Module, attn: nn.Module, mlp: nn.Module, device: torch
 
 
 def _lora_add_address() -> int:
-    """Where the grouped-LoRA extension's ``grouped_lora_add`` is (loaded: ``decode_delta`` needed it). Asked
-    every time, never cached: a reloaded extension moves it."""
-    return cpu_kernel.load().grouped_lora_add_address()
+    """Where the grouped-LoRA extension's ``grouped_lora_add_raw`` (``grouped_lora_add`` on raw rows) is (loaded:
+    ``decode_delta`` needed it). Asked every time, never cached: a reloaded extension moves it."""
+    return cpu_kernel.load().grouped_lora_add_raw_address()
 
 
 def _hooked(module: nn.Module) -> bool:

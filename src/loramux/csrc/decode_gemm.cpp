@@ -784,17 +784,22 @@ std::vector<at::Tensor> base_linears(const at::Tensor& x, const std::vector<at::
 // ends, A, B_t); None where the projection has nothing to add.
 using Lora = std::optional<std::tuple<at::Tensor, std::vector<int64_t>, std::vector<int64_t>, std::vector<at::Tensor>,
                                       std::vector<at::Tensor>>>;
-using LoraAdd = void (*)(at::Tensor, const at::Tensor&, const at::Tensor&, const std::vector<int64_t>&,
+// grouped_lora.cpp's grouped_lora_add_raw: (y, x, rows, d_in, d_out, tokens, starts, ends, A, B_t)
+using LoraAdd = void (*)(float*, const float*, int64_t, int64_t, int64_t, const at::Tensor&, const std::vector<int64_t>&,
                          const std::vector<int64_t>&, const std::vector<at::Tensor>&, const std::vector<at::Tensor>&);
 
 // y += the adapters' deltas for input x, in place (y: (B, 1, d_out) fresh and contiguous, x: (B, 1, d_in)): what
-// LoraLayer.add_adapters does for a decode step whose groups are all plain LoRA, through the same function
+// LoraLayer.add_adapters does for a decode step whose groups are all plain LoRA, through the same code
 at::Tensor add_lora(at::Tensor y, const at::Tensor& x, const Lora& lora, int64_t lora_add) {
   if (lora.has_value()) {
-    TORCH_CHECK(lora_add != 0, "decode block: adapters without grouped_lora_add's address");
+    TORCH_CHECK(lora_add != 0, "decode block: adapters without grouped_lora_add_raw's address");
+    const at::Tensor xc = x.is_contiguous() ? x : x.contiguous();  // (block inputs are: no copy, no new tensor)
+    const int64_t d_in = xc.size(-1), d_out = y.size(-1), rows = xc.numel() / d_in;
+    TORCH_CHECK(y.is_contiguous() && y.scalar_type() == at::kFloat && xc.scalar_type() == at::kFloat && y.numel() == rows * d_out,
+                "decode block: LoRA rows must be contiguous float32 x (", rows, ", ", d_in, ") and y (", rows, ", ", d_out, ")");
     const auto& [tokens, starts, ends, A, B_t] = *lora;
-    reinterpret_cast<LoraAdd>(lora_add)(y.view({-1, y.size(-1)}), x.reshape({-1, x.size(-1)}).contiguous(), tokens, starts,
-                                        ends, A, B_t);
+    reinterpret_cast<LoraAdd>(lora_add)(y.data_ptr<float>(), xc.data_ptr<float>(), rows, d_in, d_out, tokens, starts, ends,
+                                        A, B_t);
   }
   return y;
 }

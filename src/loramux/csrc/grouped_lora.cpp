@@ -109,15 +109,17 @@ int64_t check_call(const char* who, const at::Tensor& y, const at::Tensor& x, co
 
 }  // namespace
 
-void grouped_lora_add(at::Tensor y, const at::Tensor& x, const at::Tensor& tokens, const std::vector<int64_t>& starts,
-                      const std::vector<int64_t>& ends, const std::vector<at::Tensor>& A,
-                      const std::vector<at::Tensor>& B_t) {
-  const int64_t G = check_call("grouped_lora_add", y, x, starts, ends, A, B_t);
-  TORCH_CHECK(x.is_contiguous(), "grouped_lora_add: x must be contiguous");
+// grouped_lora_add on rows given as raw float32 arrays: y (N, d_out) and x (N, d_in), both contiguous. The decode
+// stack's entry (decode_gemm.cpp calls it by address between its matmuls): it has y and x as pointers already, and
+// making tensors of them (a view and a reshape a projection) cost ~2 us each there, 210 projections a step.
+void grouped_lora_add_raw(float* yp, const float* xp, int64_t N, int64_t d_in, int64_t d_out, const at::Tensor& tokens,
+                          const std::vector<int64_t>& starts, const std::vector<int64_t>& ends, const std::vector<at::Tensor>& A,
+                          const std::vector<at::Tensor>& B_t) {
+  const int64_t G = static_cast<int64_t>(A.size());
+  TORCH_CHECK(static_cast<int64_t>(B_t.size()) == G && static_cast<int64_t>(starts.size()) == G &&
+                  static_cast<int64_t>(ends.size()) == G,
+              "grouped_lora_add: A, B_t, starts and ends must have one entry per group");
   TORCH_CHECK(tokens.scalar_type() == at::kLong && tokens.is_contiguous(), "grouped_lora_add: tokens must be int64");
-  const int64_t d_in = x.size(1), d_out = y.size(1), N = x.size(0);
-  const float* xp = x.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
   const int64_t* tp = tokens.data_ptr<int64_t>();
 
   std::vector<const float*> a_ptr(G), b_ptr(G);
@@ -216,6 +218,14 @@ void grouped_lora_add(at::Tensor y, const at::Tensor& x, const at::Tensor& token
   }
 }
 
+void grouped_lora_add(at::Tensor y, const at::Tensor& x, const at::Tensor& tokens, const std::vector<int64_t>& starts,
+                      const std::vector<int64_t>& ends, const std::vector<at::Tensor>& A,
+                      const std::vector<at::Tensor>& B_t) {
+  check_call("grouped_lora_add", y, x, starts, ends, A, B_t);
+  TORCH_CHECK(x.is_contiguous(), "grouped_lora_add: x must be contiguous");
+  grouped_lora_add_raw(y.data_ptr<float>(), x.data_ptr<float>(), x.size(0), x.size(1), y.size(1), tokens, starts, ends, A, B_t);
+}
+
 // Prefill: groups of many tokens each (a group = one adapter's rows, contiguous in the flat (N, d) views), where
 // MKL's large-shape kernels beat the loops above. Through torch the groups run one after another and every
 // (128 x 576) @ (576 x r) call is split over the threads, which at rank 8-64 mostly costs the threads'
@@ -280,13 +290,14 @@ void grouped_lora_add_rows(at::Tensor y, const at::Tensor& x, const std::vector<
   if (failure) std::rethrow_exception(failure);
 }
 
-// The address of grouped_lora_add, for the decode GEMM extension's layer-block calls (decode_gemm.cpp), which add
-// adapters between their matmuls by calling this very function: the same compiled code, so the same bits.
-int64_t grouped_lora_add_address() { return reinterpret_cast<int64_t>(&grouped_lora_add); }
+// The address of grouped_lora_add_raw, for the decode GEMM extension's layer-block calls (decode_gemm.cpp), which add
+// adapters between their matmuls through the code grouped_lora_add runs: the same compiled code, so the same bits.
+int64_t grouped_lora_add_raw_address() { return reinterpret_cast<int64_t>(&grouped_lora_add_raw); }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("grouped_lora_add", &grouped_lora_add, "y[tokens of g] += (x @ A[g].T) @ B_t[g] for every group g, in place");
   m.def("grouped_lora_add_rows", &grouped_lora_add_rows,
         "y[starts[g]:ends[g]] += (x[starts[g]:ends[g]] @ A[g].T) @ B_t[g], groups spread over the threads (prefill)");
-  m.def("grouped_lora_add_address", &grouped_lora_add_address, "the address of grouped_lora_add (for decode_gemm's block calls)");
+  m.def("grouped_lora_add_raw_address", &grouped_lora_add_raw_address,
+        "the address of grouped_lora_add on raw rows (for decode_gemm's block calls)");
 }
