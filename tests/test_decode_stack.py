@@ -73,8 +73,9 @@ def make_lm(tmp_path, int8: bool = False):
 
 def run_steps(lm, names, steps: int = 4, seed: int = 9, prepare=None, **step_kwargs):
     """Prefill left-padded rows into two ``RowsKV`` caches, then ``steps`` decode steps through the stack and
-    through the layer calls; returns (stack outputs, layer-call outputs, stack calls, both caches)."""
-    rows = len(names)
+    through the layer calls; returns (stack outputs, layer-call outputs, stack calls, both caches). ``names``: one
+    adapter name per row, or a prepared routing (``MultiLoraModel.prepare_routing``)."""
+    rows = len(getattr(names, "rows", names))
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, 96, (rows, 8), generator=g)
     mask = torch.ones(rows, 8, dtype=torch.long)
@@ -125,6 +126,24 @@ def test_decode_steps_through_the_stack_equal_the_layer_calls(kernel, tmp_path, 
     assert_same_caches(*caches)
     assert caches[0].get_seq_length() == 8 + 4
     assert not torch.allclose(got[-1].logits[0], got[-1].logits[1], atol=1e-3)  # the adapters change their rows
+
+
+def test_a_prepared_routing_plans_each_wrapper_once_over_the_steps(kernel, tmp_path, monkeypatch):
+    """The engine's decode batch routes by one prepared routing over many steps: each wrapper's answer for it
+    (``LoraLayer.decode_delta``: which grouped-LoRA call adds its adapters) is worked out once and kept on the
+    routing's mapping, and the steps still equal the layer calls bit for bit."""
+    from loramux import layers
+
+    lm = make_lm(tmp_path)
+    asked = []
+    real = layers.kernel_call
+    monkeypatch.setattr(layers, "kernel_call", lambda table, *args: asked.append(table) or real(table, *args))
+    routing = lm.prepare_routing(["all", None, "qv"])
+    got, want, calls, caches = run_steps(lm, routing, steps=3)
+    assert calls == 3 and all(torch.equal(g.logits, w.logits) for g, w in zip(got, want))
+    assert_same_caches(*caches)
+    wrapped = [m for m in lm.modules() if type(m) is layers.LoraLayer]
+    assert len(asked) == len(wrapped) and len({id(t) for t in asked}) == len(wrapped)  # once each, not once a step
 
 
 def test_base_rows_beside_loaded_adapters_take_the_stack(kernel, tmp_path):

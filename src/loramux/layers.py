@@ -20,6 +20,7 @@ except ImportError:  # pragma: no cover
     Conv1D = ()
 
 SUPPORTED_TYPES = (nn.Linear, nn.Embedding) + ((Conv1D,) if Conv1D else ())
+_UNSET = object()  # no cached decode_delta answer yet (None is an answer)
 
 
 def layer_shape(module: nn.Module) -> tuple[int, int]:
@@ -159,6 +160,15 @@ class LoraLayer(_PassThrough):
             return ()
         if self.copies.count:
             return None
+        # the answer depends on the mapping's rows and their slots' weights here, fixed while the mapping lives
+        # (its slots are pinned; a reload writes a new slot): the engine's decode batch asks it every step
+        key = (self.slots, device, rows)
+        delta = mapping._decode_deltas.get(key, _UNSET)
+        if delta is _UNSET:
+            delta = mapping._decode_deltas[key] = self._decode_delta(mapping, device, rows)
+        return delta
+
+    def _decode_delta(self, mapping: BatchMapping, device: torch.device, rows: int) -> tuple | None:
         if not self._lora_applies(mapping, device):
             return ()
         if self.is_embedding:

@@ -41,6 +41,8 @@ class BatchMapping:
     # life: its slots are pinned while it is used (per call, or by the holder of a prepared routing), and
     # a reload writes a new slot, so the weights of these slots never change under it.
     _kernel_args: dict = field(default_factory=dict, repr=False, compare=False)
+    # (SlotTable, device, rows) -> LoraLayer.decode_delta's answer for these rows, valid as long (same reason)
+    _decode_deltas: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def n_rows(self) -> int:
