@@ -40,15 +40,6 @@ logger = logging.getLogger(__name__)
 _PREFIX = "base_model.model."
 
 
-
-
-
-
-
-
-
-
-
 @dataclass
 class ModuleWeights:
     """The LoRA tensors of one target module, as stored (unscaled)."""
@@ -101,8 +92,6 @@ def key_role(key: str) -> tuple[str, str, bool]:
         module, param = name.split(".base_layer.", 1)
         return module, "base_layer." + param, False
     return name, "extra", False
-
-
 
 
 def check_structure(source: Path, config: AdapterConfig, specs: Mapping[str, TensorSpec]) -> None:

@@ -219,7 +219,10 @@ def test_metrics_expose_the_issue_series(server, client):
     for _ in range(2):
         client.completions.create(model="a4", prompt=prompt, max_tokens=1, temperature=0)
     assert metric(server, "loramux_prefix_cache_hit_tokens_total") > hit_before  # the second reused the first's KV
-    assert metric(server, "loramux_adapter_load_errors_total") >= 0
+    errors_before = metric(server, "loramux_adapter_load_errors_total")
+    with pytest.raises(openai.BadRequestError, match="could not be loaded"):  # truncated weights under a root
+        client.completions.create(model="corrupt", prompt="x", max_tokens=2)
+    assert metric(server, "loramux_adapter_load_errors_total") == errors_before + 1
 
 
 def test_sigint_during_a_stream_exits_zero(tiny_world, tmp_path):
