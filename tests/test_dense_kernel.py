@@ -10,11 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loramux import cpu_kernel, dense_kernel
+from loramux import cpu_kernel, dense_kernel, one_row_tiles
 from loramux.dense_kernel import DecodeLinear
 
 from lora_fixtures import tiny_llama
-
 
 
 @pytest.fixture
@@ -22,6 +21,13 @@ def kernel(decode_gemm_kernel):  # tests/conftest.py: built once, fails (not ski
     return decode_gemm_kernel
 
 
+@pytest.fixture(params=[False, True], ids=["8-row", "2-row"])
+def one_row_shape(request, kernel):
+    """Each of float32's one-row tile shapes (one_row_tiles.py), the process's own restored afterwards."""
+    saved = kernel.one_row_shape()
+    kernel.set_one_row_shape(request.param)
+    yield request.param
+    kernel.set_one_row_shape(saved)
 
 
 def _tolerance(x: torch.Tensor, w: torch.Tensor) -> float:
@@ -47,7 +53,7 @@ def test_kernel_equals_f_linear(kernel, d_out, d_in, bias):
 
 
 @pytest.mark.parametrize("n_threads", [1, 2, 3])
-def test_a_group_call_equals_one_call_per_matrix_bit_for_bit(kernel, threads, n_threads):
+def test_a_group_call_equals_one_call_per_matrix_bit_for_bit(kernel, threads, n_threads, one_row_shape):
     """decode_linear_group (q/k/v, gate/up in one call): each output is what decode_linear gives for that matrix
     alone, bit for bit, over matrices of odd sizes with and without bias, row counts across the tile shapes, and
     the fallbacks (rows above the limit, grad, another dtype) that give F.linear's result."""
@@ -82,9 +88,10 @@ def test_leading_dims_and_non_contiguous_inputs(kernel):
     torch.testing.assert_close(kernel.decode_linear(xt, w, None, 64), F.linear(xt, w), atol=1e-5, rtol=1e-5)
 
 
-def test_a_rows_result_does_not_depend_on_the_batch_or_threads(kernel, threads):
+def test_a_rows_result_does_not_depend_on_the_batch_or_threads(kernel, threads, one_row_shape):
     """Bit for bit, as the engine's 'mixed equals alone' guarantee needs, in every tile position (one row has its
-    own tile shape: 8 W rows, its tail tiles of 1-7 rows, and the K tail below one vector)."""
+    own tile shapes: 8 W rows with tail tiles of 1-7 rows, or 2 with a 1-row tail, and the K tail below one
+    vector). Both one-row shapes give a row what the multi-row tiles give it, so they agree with each other."""
     g = torch.Generator().manual_seed(2)
     for d_out, d_in in ((577, 1536), (13, 37)):
         w, b = torch.randn(d_out, d_in, generator=g), torch.randn(d_out, generator=g)
@@ -248,3 +255,55 @@ def test_merge_and_unload_returns_plain_transformers_classes(kernel, tmp_path):
     assert {type(m) for m in merged.modules()} <= {type(m) for m in plain.modules()}
     assert merged.config._attn_implementation == "sdpa" != decode_attention.ATTN_NAME
     torch.save(merged, io.BytesIO())
+
+
+class _ShapeClock:
+    """A clock under the test's control: each reading advances by what the shape now set costs (a pass's
+    duration is the cost of the shape it ran with)."""
+
+    def __init__(self, kernel, cost_8: float, cost_2: float) -> None:
+        self.kernel, self.cost, self.now, self.readings = kernel, {False: cost_8, True: cost_2}, 0.0, 0
+
+    def __call__(self) -> float:
+        self.readings += 1
+        self.now += self.cost[self.kernel.one_row_shape()]
+        return self.now
+
+
+@pytest.mark.parametrize("cost_8,cost_2,expected", [(3.0, 1.0, True), (1.0, 3.0, False)])
+def test_the_faster_one_row_shape_is_kept_for_the_process(kernel, monkeypatch, cost_8, cost_2, expected):
+    monkeypatch.delenv(one_row_tiles.ENV, raising=False)
+    monkeypatch.setattr(one_row_tiles, "MIN_BYTES", 0)
+    one_row_tiles._reset_for_tests(kernel)
+    try:
+        linears = [nn.Linear(40, 24), nn.Linear(40, 7, bias=False), nn.Linear(24, 40)]
+        clock = _ShapeClock(kernel, cost_8, cost_2)
+        assert one_row_tiles.choose(kernel, linears, clock=clock) is expected
+        assert kernel.one_row_shape() is expected
+        assert clock.readings == 2 * 2 * one_row_tiles.ROUNDS  # both shapes, every timed round, start and end
+        # decided once a process: a second model is not timed again and does not change it
+        assert one_row_tiles.choose(kernel, linears, clock=_ShapeClock(kernel, cost_2, cost_8)) is expected
+        assert kernel.one_row_shape() is expected
+    finally:
+        one_row_tiles._reset_for_tests(kernel)
+
+
+def test_the_one_row_shape_from_the_environment_or_left_for_small_models(kernel, monkeypatch):
+    def no_clock() -> float:
+        raise AssertionError("measured although it needed not be")
+
+    linears = [nn.Linear(40, 24)]
+    one_row_tiles._reset_for_tests(kernel)
+    try:
+        monkeypatch.delenv(one_row_tiles.ENV, raising=False)
+        assert one_row_tiles.choose(kernel, linears, clock=no_clock) is None  # 4 KB of weights: nothing to time
+        assert kernel.one_row_shape() is False
+        monkeypatch.setenv(one_row_tiles.ENV, "4")
+        with pytest.raises(ValueError, match=r"LORAMUX_ONE_ROW_TILES='4': use 8 .* or 2 "):
+            one_row_tiles.choose(kernel, linears, clock=no_clock)
+        assert kernel.one_row_shape() is False
+        monkeypatch.setenv(one_row_tiles.ENV, "2")
+        assert one_row_tiles.choose(kernel, linears, clock=no_clock) is True
+        assert kernel.one_row_shape() is True
+    finally:
+        one_row_tiles._reset_for_tests(kernel)

@@ -23,6 +23,9 @@ Llama-code decoder layers a decode-step forward with fewer ops around the same m
 (``decode_layers.py``), and Llama-code decoder models one kernel call for all their layers in a decode step
 (``decode_stack.py``).
 
+At one row, float32 has two tile shapes with the same results; which streams faster depends on the CPU, so
+the first large model installed times both on its own weights (``one_row_tiles.py``).
+
 Semantics: ``F.linear(x, weight, bias)``, with float32 rounding in the kernel's own fixed order; a row's
 result does not depend on the other rows of the call or on the number of threads (bit for bit).
 
@@ -41,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loramux import cpu_kernel, decode_attention, decode_layers, decode_stack, huge_pages
+from loramux import cpu_kernel, decode_attention, decode_layers, decode_stack, huge_pages, one_row_tiles
 
 logger = logging.getLogger(__name__)
 
@@ -152,6 +155,8 @@ def install(model: nn.Module) -> int:
                                  MAX_ROWS)
     stacked = decode_stack.install(model, kernel)
     moved = huge_pages.move_weights(model)
+    if linears:  # after the move: the shapes are timed on the pages the weights will stay on
+        one_row_tiles.choose(kernel, linears)
     logger.debug("decode GEMM kernel on %d linear layers, fused RMSNorm on %d, decode attention on %d configs, "
                  "lean decode forward on %d layers (%d decoder stacks in one call), %.0f MiB of weights on huge pages",
                  len(linears), norms, attention, lean, stacked, moved / 2**20)

@@ -186,16 +186,26 @@ void tile_range(const T* W, const float* x, float* y, int64_t M, int64_t K, int6
 // tile is prefetched, L / 8 lines a step (the whole next tile over this one's steps): the 211 int8 matmuls,
 // 30 rounds, 1 thread 13.2 vs 19.0 ms for the 4-row tile with its prefetch, 2 threads 8.9 vs 12.2 (without the
 // prefetch this 8-row shape was slower: 29.9 vs 17.0).
-template <typename T, int nr>
+//
+// float32 has a second shape, chosen per process by dense_kernel.py from a measurement at start-up
+// (set_one_row_shape): 2-row tiles that prefetch the next tile as they go, nr lines a step (the next 2 rows over
+// this tile's steps), so the weights are read almost as one sequential stream, with the prefetch one tile ahead.
+// Which is faster depends on the CPU's prefetchers: on the AMD EPYC with AVX-512 of 2026-12-03 the 211 matmuls of
+// a B1 step took 11.4-14.9 ms against 14.4-16.6 for the 8-row tiles (2 threads, three runs of 60 rounds
+// alternating; 1 thread 17.8-18.3 vs 20.3-21.9), where the older AMD's measurement above favoured 8 rows.
+// Bit for bit the same results: each y[n] is the same accumulator chain in either shape.
+template <typename T, int nr, bool prefetch>
 __attribute__((noinline)) void one_row_tile(const T* __restrict W, const float* __restrict x, float* __restrict y,
                                             int64_t K, const float* __restrict sc, const float* __restrict b,
                                             const char* pf, const char* pf_end) {
+  // cache lines of the next tile to fetch per vector step: int8 L / 8 (the 8-row tile), float32 nr * L / 16
+  constexpr int lines = std::is_same<T, int8_t>::value ? L / 8 : std::max(1, nr * L / 16);
   vec acc[nr];
   for (int i = 0; i < nr; ++i) acc[i] = vzero();
   int64_t k = 0;
   for (; k + L <= K; k += L) {
-    if constexpr (std::is_same<T, int8_t>::value) {
-      for (int p = 0; p < L / 8 && pf < pf_end; ++p, pf += 64) _mm_prefetch(pf, _MM_HINT_T0);
+    if constexpr (prefetch) {
+      for (int p = 0; p < lines && pf < pf_end; ++p, pf += 64) _mm_prefetch(pf, _MM_HINT_T0);
     }
     const vec xv = vload(x + k);
     for (int i = 0; i < nr; ++i) acc[i] = vfma(vload(W + i * K + k), xv, acc[i]);
@@ -209,39 +219,60 @@ __attribute__((noinline)) void one_row_tile(const T* __restrict W, const float* 
   }
 }
 
-constexpr int kOneRowTile = 8;  // W rows per tile at one row of x
+constexpr int kOneRowTile = 8;  // W rows per tile at one row of x (float32's other shape: 2, see one_row_tile)
 
-// W tiles [lo, hi) of kOneRowTile rows against one row of x (int8: prefetching the next tile within [lo, hi))
-template <typename T>
-inline void one_row_range(const T* W, const float* x, float* y, int64_t K, int64_t N, const float* sc, const float* b,
+// float32's one-row shape for this process: false 8-row tiles, true 2-row tiles prefetching the next (set_one_row_shape)
+bool g_two_row_tiles = false;
+
+// W tiles [lo, hi) of `rows` W rows each against one row of x, prefetching the next tile within [lo, hi) if `prefetch`
+template <typename T, int rows, bool prefetch>
+inline void one_row_tiles(const T* W, const float* x, float* y, int64_t K, int64_t N, const float* sc, const float* b,
                           int64_t lo, int64_t hi) {
-  const char* pf_end = reinterpret_cast<const char*>(W + std::min<int64_t>(N, hi * kOneRowTile) * K);
+  const char* pf_end = reinterpret_cast<const char*>(W + std::min<int64_t>(N, hi * rows) * K);
   for (int64_t tt = lo; tt < hi; ++tt) {
-    const int64_t n0 = tt * kOneRowTile;
+    const int64_t n0 = tt * rows;
     const T* Wt = W + n0 * K;
-    const char* pf = reinterpret_cast<const char*>(Wt + kOneRowTile * K);
+    const char* pf = reinterpret_cast<const char*>(Wt + rows * K);
     const float* st = sc != nullptr ? sc + n0 : nullptr;
     const float* bt = b != nullptr ? b + n0 : nullptr;
-    switch (std::min<int64_t>(kOneRowTile, N - n0)) {
-      case 8: one_row_tile<T, 8>(Wt, x, y + n0, K, st, bt, pf, pf_end); break;
-      case 7: one_row_tile<T, 7>(Wt, x, y + n0, K, st, bt, pf, pf_end); break;
-      case 6: one_row_tile<T, 6>(Wt, x, y + n0, K, st, bt, pf, pf_end); break;
-      case 5: one_row_tile<T, 5>(Wt, x, y + n0, K, st, bt, pf, pf_end); break;
-      case 4: one_row_tile<T, 4>(Wt, x, y + n0, K, st, bt, pf, pf_end); break;
-      case 3: one_row_tile<T, 3>(Wt, x, y + n0, K, st, bt, pf, pf_end); break;
-      case 2: one_row_tile<T, 2>(Wt, x, y + n0, K, st, bt, pf, pf_end); break;
-      case 1: one_row_tile<T, 1>(Wt, x, y + n0, K, st, bt, pf, pf_end); break;
+    switch (std::min<int64_t>(rows, N - n0)) {  // cases above `rows` never occur
+      case 8: one_row_tile<T, rows < 8 ? rows : 8, prefetch>(Wt, x, y + n0, K, st, bt, pf, pf_end); break;
+      case 7: one_row_tile<T, rows < 7 ? rows : 7, prefetch>(Wt, x, y + n0, K, st, bt, pf, pf_end); break;
+      case 6: one_row_tile<T, rows < 6 ? rows : 6, prefetch>(Wt, x, y + n0, K, st, bt, pf, pf_end); break;
+      case 5: one_row_tile<T, rows < 5 ? rows : 5, prefetch>(Wt, x, y + n0, K, st, bt, pf, pf_end); break;
+      case 4: one_row_tile<T, rows < 4 ? rows : 4, prefetch>(Wt, x, y + n0, K, st, bt, pf, pf_end); break;
+      case 3: one_row_tile<T, rows < 3 ? rows : 3, prefetch>(Wt, x, y + n0, K, st, bt, pf, pf_end); break;
+      case 2: one_row_tile<T, rows < 2 ? rows : 2, prefetch>(Wt, x, y + n0, K, st, bt, pf, pf_end); break;
+      case 1: one_row_tile<T, 1, prefetch>(Wt, x, y + n0, K, st, bt, pf, pf_end); break;
       default: break;
     }
   }
 }
 
-// W rows per tile for M rows of x: one row: kOneRowTile; two rows: 4 (8 accumulators fit, and the int8 widening per
-// FMA is the larger cost); more: NR. The tile shape never changes a result: each y[m, n] is the
-// same accumulator chain.
+// W rows per one-row tile: int8 8, float32 8 or 2 (this process's shape)
+template <typename T>
+inline int64_t one_row_tile_rows() {
+  return std::is_same<T, float>::value && g_two_row_tiles ? 2 : kOneRowTile;
+}
+
+template <typename T>
+inline void one_row_range(const T* W, const float* x, float* y, int64_t K, int64_t N, const float* sc, const float* b,
+                          int64_t lo, int64_t hi) {
+  if constexpr (std::is_same<T, int8_t>::value) {
+    one_row_tiles<T, kOneRowTile, true>(W, x, y, K, N, sc, b, lo, hi);
+  } else if (g_two_row_tiles) {
+    one_row_tiles<T, 2, true>(W, x, y, K, N, sc, b, lo, hi);
+  } else {
+    one_row_tiles<T, kOneRowTile, false>(W, x, y, K, N, sc, b, lo, hi);
+  }
+}
+
+// W rows per tile for M rows of x: one row: one_row_tile_rows; two rows: 4 (8 accumulators fit, and the int8 widening
+// per FMA is the larger cost); more: NR. The tile shape never changes a result: each y[m, n] is the same
+// accumulator chain.
 template <typename T>
 inline int64_t tile_rows(int64_t M) {
-  return M == 1 ? kOneRowTile : M <= 2 ? 4 : NR;
+  return M == 1 ? one_row_tile_rows<T>() : M <= 2 ? 4 : NR;
 }
 
 template <typename T>
@@ -260,7 +291,7 @@ void gemm(const T* W, const float* x, float* y, int64_t M, int64_t K, int64_t N,
 template <typename T>
 void tile_range(const T* W, const float* x, float* y, int64_t M, int64_t K, int64_t N, const float* sc, const float* b,
                 int64_t nr_, int64_t lo, int64_t hi) {
-  if (M == 1) return one_row_range(W, x, y, K, N, sc, b, lo, hi);  // nr_ is kOneRowTile
+  if (M == 1) return one_row_range(W, x, y, K, N, sc, b, lo, hi);  // nr_ is one_row_tile_rows<T>()
   const T* pf_end = W + std::min(N, hi * nr_) * K;
   for (int64_t tt = lo; tt < hi; ++tt) {
     const int64_t n0 = tt * nr_;
@@ -895,6 +926,10 @@ at::Tensor decode_stack(at::Tensor hidden, const std::vector<LayerPlan>& plans, 
 
 int64_t lanes() { return L; }
 
+// float32's one-row tile shape for this process (dense_kernel.py measures both at start-up); results are the same bits
+void set_one_row_shape(bool two_row_tiles) { g_two_row_tiles = two_row_tiles; }
+bool one_row_shape() { return g_two_row_tiles; }
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_linear", &decode_linear, "F.linear(x, W, b); the streaming kernel for at most max_rows rows of x");
   m.def("decode_linear_group", &decode_linear_group, "[F.linear(x, W, b) for each (W, b)], one kernel call for all");
@@ -905,5 +940,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_block_qkv", &decode_block_qkv, "rms_norm, the q/k/v projections and rotary of a decoder layer for one token per row");
   m.def("decode_block_mlp", &decode_block_mlp, "residual + o_proj, rms_norm, the SiLU MLP and its residual for one token per row");
   m.def("decode_stack", &decode_stack, "a decode step through every decoder layer: block calls, KV column writes, attention");
+  m.def("set_one_row_shape", &set_one_row_shape, "float32 one-row tiles: False 8 rows, True 2 rows prefetching the next");
+  m.def("one_row_shape", &one_row_shape, "the float32 one-row shape set_one_row_shape chose (False: 8-row tiles)");
   m.def("lanes", &lanes, "vector width in floats of this build (8: AVX2, 16: AVX-512)");
 }
