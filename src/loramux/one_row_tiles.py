@@ -4,8 +4,8 @@ Why: a B1 decode step is the base model's weights streamed once, and how fast a 
 CPU's prefetchers more than on its arithmetic. The kernel (``csrc/decode_gemm.cpp``, ``one_row_tile``) has two
 shapes that give the same bits: 8-row tiles that leave prefetching to the hardware (faster on the AMD EPYC with
 AVX2 of sessions 1-11), and 2-row tiles that prefetch the next tile as they go (faster on the AMD EPYC with
-AVX-512 of 2026-12-03: the 211 matmuls of a B1 step of the default model 11.4-14.9 ms against 14.4-16.6 on 2
-threads). Neither wins everywhere, so the first model ``dense_kernel.install`` switches that has at least
+AVX-512 of 2026-12-03: the 211 matmuls of a B1 step of the default model 11.4 / 14.9 / 10.0 ms against 14.4 /
+16.6 / 10.5 on 2 threads in three runs; the whole B1 step 16.9 vs 17.9 ms). Neither wins everywhere, so the first model ``dense_kernel.install`` switches that has at least
 ``MIN_BYTES`` of float32 linear weights (more than a cache holds, so the timing is of streaming) times both
 shapes on its own weights at one row, alternating, the best of ``ROUNDS`` each, and the faster is kept for the
 process (~0.1 s once, at the default model's size). Smaller models keep the 8-row shape without measuring.

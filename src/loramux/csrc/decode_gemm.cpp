@@ -26,6 +26,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <optional>
 #include <tuple>
@@ -191,8 +192,8 @@ void tile_range(const T* W, const float* x, float* y, int64_t M, int64_t K, int6
 // (set_one_row_shape): 2-row tiles that prefetch the next tile as they go, nr lines a step (the next 2 rows over
 // this tile's steps), so the weights are read almost as one sequential stream, with the prefetch one tile ahead.
 // Which is faster depends on the CPU's prefetchers: on the AMD EPYC with AVX-512 of 2026-12-03 the 211 matmuls of
-// a B1 step took 11.4-14.9 ms against 14.4-16.6 for the 8-row tiles (2 threads, three runs of 60 rounds
-// alternating; 1 thread 17.8-18.3 vs 20.3-21.9), where the older AMD's measurement above favoured 8 rows.
+// a B1 step took 11.4 / 14.9 / 10.0 ms against 14.4 / 16.6 / 10.5 for the 8-row tiles (2 threads, three runs of 60
+// rounds alternating; 1 thread 17.8 / 18.3 / 17.3 vs 21.9 / 20.3 / 18.7), where the older AMD favoured 8 rows (above).
 // Bit for bit the same results: each y[n] is the same accumulator chain in either shape.
 template <typename T, int nr, bool prefetch>
 __attribute__((noinline)) void one_row_tile(const T* __restrict W, const float* __restrict x, float* __restrict y,
@@ -221,8 +222,10 @@ __attribute__((noinline)) void one_row_tile(const T* __restrict W, const float* 
 
 constexpr int kOneRowTile = 8;  // W rows per tile at one row of x (float32's other shape: 2, see one_row_tile)
 
-// float32's one-row shape for this process: false 8-row tiles, true 2-row tiles prefetching the next (set_one_row_shape)
-bool g_two_row_tiles = false;
+// float32's one-row shape for this process: false 8-row tiles, true 2-row tiles prefetching the next (set_one_row_shape).
+// Read once per matmul call (tile_rows), and the tiles run by the rows per tile that read gave, so a call that
+// overlaps a change (the start-up measurement, another model wrapped meanwhile) still covers every output.
+std::atomic<bool> g_two_row_tiles{false};
 
 // W tiles [lo, hi) of `rows` W rows each against one row of x, prefetching the next tile within [lo, hi) if `prefetch`
 template <typename T, int rows, bool prefetch>
@@ -252,15 +255,16 @@ inline void one_row_tiles(const T* W, const float* x, float* y, int64_t K, int64
 // W rows per one-row tile: int8 8, float32 8 or 2 (this process's shape)
 template <typename T>
 inline int64_t one_row_tile_rows() {
-  return std::is_same<T, float>::value && g_two_row_tiles ? 2 : kOneRowTile;
+  return std::is_same<T, float>::value && g_two_row_tiles.load(std::memory_order_relaxed) ? 2 : kOneRowTile;
 }
 
+// W tiles [lo, hi) of nr_ rows (one_row_tile_rows<T>() as the call read it) against one row of x
 template <typename T>
 inline void one_row_range(const T* W, const float* x, float* y, int64_t K, int64_t N, const float* sc, const float* b,
-                          int64_t lo, int64_t hi) {
+                          int64_t nr_, int64_t lo, int64_t hi) {
   if constexpr (std::is_same<T, int8_t>::value) {
     one_row_tiles<T, kOneRowTile, true>(W, x, y, K, N, sc, b, lo, hi);
-  } else if (g_two_row_tiles) {
+  } else if (nr_ == 2) {
     one_row_tiles<T, 2, true>(W, x, y, K, N, sc, b, lo, hi);
   } else {
     one_row_tiles<T, kOneRowTile, false>(W, x, y, K, N, sc, b, lo, hi);
@@ -291,7 +295,7 @@ void gemm(const T* W, const float* x, float* y, int64_t M, int64_t K, int64_t N,
 template <typename T>
 void tile_range(const T* W, const float* x, float* y, int64_t M, int64_t K, int64_t N, const float* sc, const float* b,
                 int64_t nr_, int64_t lo, int64_t hi) {
-  if (M == 1) return one_row_range(W, x, y, K, N, sc, b, lo, hi);  // nr_ is one_row_tile_rows<T>()
+  if (M == 1) return one_row_range(W, x, y, K, N, sc, b, nr_, lo, hi);  // nr_ is one_row_tile_rows<T>()
   const T* pf_end = W + std::min(N, hi * nr_) * K;
   for (int64_t tt = lo; tt < hi; ++tt) {
     const int64_t n0 = tt * nr_;
@@ -927,8 +931,8 @@ at::Tensor decode_stack(at::Tensor hidden, const std::vector<LayerPlan>& plans, 
 int64_t lanes() { return L; }
 
 // float32's one-row tile shape for this process (dense_kernel.py measures both at start-up); results are the same bits
-void set_one_row_shape(bool two_row_tiles) { g_two_row_tiles = two_row_tiles; }
-bool one_row_shape() { return g_two_row_tiles; }
+void set_one_row_shape(bool two_row_tiles) { g_two_row_tiles.store(two_row_tiles, std::memory_order_relaxed); }
+bool one_row_shape() { return g_two_row_tiles.load(std::memory_order_relaxed); }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_linear", &decode_linear, "F.linear(x, W, b); the streaming kernel for at most max_rows rows of x");
