@@ -270,40 +270,45 @@ class _ShapeClock:
         return self.now
 
 
-@pytest.mark.parametrize("cost_8,cost_2,expected", [(3.0, 1.0, True), (1.0, 3.0, False)])
-def test_the_faster_one_row_shape_is_kept_for_the_process(kernel, monkeypatch, cost_8, cost_2, expected):
+@pytest.fixture
+def undecided(kernel, monkeypatch):
+    """No one-row shape chosen yet in this process (the process's own choice restored afterwards)."""
     monkeypatch.delenv(one_row_tiles.ENV, raising=False)
+    saved = one_row_tiles._forget_for_tests(kernel)
+    yield
+    one_row_tiles._restore_for_tests(kernel, saved)
+
+
+@pytest.mark.parametrize("cost_8,cost_2,expected", [(3.0, 1.0, True), (1.0, 3.0, False)])
+def test_the_faster_one_row_shape_is_kept_for_the_process(kernel, undecided, monkeypatch, cost_8, cost_2, expected):
     monkeypatch.setattr(one_row_tiles, "MIN_BYTES", 0)
-    one_row_tiles._reset_for_tests(kernel)
-    try:
-        linears = [nn.Linear(40, 24), nn.Linear(40, 7, bias=False), nn.Linear(24, 40)]
-        clock = _ShapeClock(kernel, cost_8, cost_2)
-        assert one_row_tiles.choose(kernel, linears, clock=clock) is expected
-        assert kernel.one_row_shape() is expected
-        assert clock.readings == 2 * 2 * one_row_tiles.ROUNDS  # both shapes, every timed round, start and end
-        # decided once a process: a second model is not timed again and does not change it
-        assert one_row_tiles.choose(kernel, linears, clock=_ShapeClock(kernel, cost_2, cost_8)) is expected
-        assert kernel.one_row_shape() is expected
-    finally:
-        one_row_tiles._reset_for_tests(kernel)
+    linears = [nn.Linear(40, 24), nn.Linear(40, 7, bias=False), nn.Linear(24, 40)]
+    clock = _ShapeClock(kernel, cost_8, cost_2)
+    assert one_row_tiles.choose(kernel, linears, clock=clock) is expected
+    assert kernel.one_row_shape() is expected
+    assert clock.readings == 2 * 2 * one_row_tiles.ROUNDS  # both shapes, every timed round, start and end
+    # decided once a process: a second model is not timed again and does not change it
+    assert one_row_tiles.choose(kernel, linears, clock=_ShapeClock(kernel, cost_2, cost_8)) is expected
+    assert kernel.one_row_shape() is expected
 
 
-def test_the_one_row_shape_from_the_environment_or_left_for_small_models(kernel, monkeypatch):
+def test_the_one_row_shape_from_the_environment_or_left_for_small_models(kernel, undecided, monkeypatch):
     def no_clock() -> float:
         raise AssertionError("measured although it needed not be")
 
     linears = [nn.Linear(40, 24)]
-    one_row_tiles._reset_for_tests(kernel)
-    try:
-        monkeypatch.delenv(one_row_tiles.ENV, raising=False)
-        assert one_row_tiles.choose(kernel, linears, clock=no_clock) is None  # 4 KB of weights: nothing to time
-        assert kernel.one_row_shape() is False
-        monkeypatch.setenv(one_row_tiles.ENV, "4")
-        with pytest.raises(ValueError, match=r"LORAMUX_ONE_ROW_TILES='4': use 8 .* or 2 "):
-            one_row_tiles.choose(kernel, linears, clock=no_clock)
-        assert kernel.one_row_shape() is False
-        monkeypatch.setenv(one_row_tiles.ENV, "2")
-        assert one_row_tiles.choose(kernel, linears, clock=no_clock) is True
-        assert kernel.one_row_shape() is True
-    finally:
-        one_row_tiles._reset_for_tests(kernel)
+    assert one_row_tiles.choose(kernel, linears, clock=no_clock) is None  # 4 KB of weights: nothing to time
+    assert kernel.one_row_shape() is False
+    monkeypatch.setenv(one_row_tiles.ENV, "2")
+    assert one_row_tiles.choose(kernel, linears, clock=no_clock) is True
+    assert kernel.one_row_shape() is True
+
+
+def test_a_bad_one_row_setting_is_refused_before_the_model_changes(kernel, undecided, monkeypatch):
+    monkeypatch.setenv(one_row_tiles.ENV, "4")
+    model = tiny_llama()
+    classes = [type(m) for m in model.modules()]
+    with pytest.raises(ValueError, match=r"LORAMUX_ONE_ROW_TILES='4': use 8 .* or 2 "):
+        dense_kernel.install(model)
+    assert [type(m) for m in model.modules()] == classes
+    assert kernel.one_row_shape() is False

@@ -140,6 +140,7 @@ def install(model: nn.Module) -> int:
     kernel = load()
     if kernel is None:
         return 0
+    one_row_tiles.from_environment()  # a bad LORAMUX_ONE_ROW_TILES is refused before the model changes
     _KERNEL = kernel
     for module in linears:
         module.__class__ = DecodeLinear

@@ -5,13 +5,15 @@ CPU's prefetchers more than on its arithmetic. The kernel (``csrc/decode_gemm.cp
 shapes that give the same bits: 8-row tiles that leave prefetching to the hardware (faster on the AMD EPYC with
 AVX2 of sessions 1-11), and 2-row tiles that prefetch the next tile as they go (faster on the AMD EPYC with
 AVX-512 of 2026-12-03: the 211 matmuls of a B1 step of the default model 11.4 / 14.9 / 10.0 ms against 14.4 /
-16.6 / 10.5 on 2 threads in three runs; the whole B1 step 16.9 vs 17.9 ms). Neither wins everywhere, so the first model ``dense_kernel.install`` switches that has at least
-``MIN_BYTES`` of float32 linear weights (more than a cache holds, so the timing is of streaming) times both
-shapes on its own weights at one row, alternating, the best of ``ROUNDS`` each, and the faster is kept for the
-process (~0.1 s once, at the default model's size). Smaller models keep the 8-row shape without measuring.
+16.6 / 10.5 on 2 threads in three runs; the whole B1 step 16.9 vs 17.9 ms). Neither wins everywhere, so the
+first model ``dense_kernel.install`` switches that has at least ``MIN_BYTES`` of float32 linear weights (more
+than a cache holds, so the timing is of streaming) times both shapes on its own weights at one row, alternating,
+the best of ``ROUNDS`` each, and the faster is kept for the process (~0.1 s once, at the default model's size).
+Smaller models keep the 8-row shape without measuring.
 
 ``LORAMUX_ONE_ROW_TILES=8`` or ``=2`` sets the shape without measuring (benchmarks comparing the two; a
-machine whose measurement is known to mislead). The choice changes speed only, never a result (tests).
+machine whose measurement is known to mislead); another value is refused by ``from_environment``, which
+``dense_kernel.install`` asks before it changes the model. The choice changes speed only, never a result (tests).
 """
 from __future__ import annotations
 
@@ -34,18 +36,24 @@ _SHAPES = {"8": False, "2": True}  # the variable's values -> set_one_row_shape'
 _chosen: dict[str, bool] = {}  # "two_row_tiles": the shape this process settled on (empty until then)
 
 
+def from_environment() -> bool | None:
+    """The shape ``LORAMUX_ONE_ROW_TILES`` sets (True: 2-row tiles), None when unset; ValueError for another value."""
+    setting = os.environ.get(ENV, "").strip()
+    if setting and setting not in _SHAPES:
+        raise ValueError(f"{ENV}={setting!r}: use 8 (8-row tiles) or 2 (2-row tiles with prefetch), or unset it "
+                         "to measure both")
+    return _SHAPES.get(setting)
+
+
 def choose(kernel: ModuleType, linears: list[nn.Linear], clock: Callable[[], float] = time.perf_counter) -> bool | None:
     """Set the kernel's float32 one-row shape for this process from ``LORAMUX_ONE_ROW_TILES`` or by timing
     ``linears`` (float32 CPU ``nn.Linear`` layers, weights in place) at one row; returns the shape now set
     (True: 2-row tiles), or None when nothing was decided (too few bytes to measure; 8-row tiles stay)."""
     if "two_row_tiles" in _chosen:
         return _chosen["two_row_tiles"]
-    setting = os.environ.get(ENV, "").strip()
-    if setting:
-        if setting not in _SHAPES:
-            raise ValueError(f"{ENV}={setting!r}: use 8 (8-row tiles) or 2 (2-row tiles with prefetch), or unset it "
-                             "to measure both")
-        return _keep(kernel, _SHAPES[setting], f"from {ENV}")
+    fixed = from_environment()
+    if fixed is not None:
+        return _keep(kernel, fixed, f"from {ENV}")
     if sum(m.weight.numel() * 4 for m in linears) < MIN_BYTES:
         return None
     seconds = {False: [], True: []}
@@ -78,7 +86,15 @@ def _keep(kernel: ModuleType, two_row_tiles: bool, why: str) -> bool:
     return two_row_tiles
 
 
-def _reset_for_tests(kernel: ModuleType | None = None) -> None:
+def _forget_for_tests(kernel: ModuleType) -> tuple[dict[str, bool], bool]:
+    """Undecided again, 8-row tiles set; returns what to hand ``_restore_for_tests`` afterwards."""
+    saved = dict(_chosen), kernel.one_row_shape()
     _chosen.clear()
-    if kernel is not None:
-        kernel.set_one_row_shape(False)
+    kernel.set_one_row_shape(False)
+    return saved
+
+
+def _restore_for_tests(kernel: ModuleType, saved: tuple[dict[str, bool], bool]) -> None:
+    _chosen.clear()
+    _chosen.update(saved[0])
+    kernel.set_one_row_shape(saved[1])
