@@ -33,7 +33,7 @@ MIN_BYTES = 64 * 2**20
 ROUNDS = 3
 _SHAPES = {"8": False, "2": True}  # the variable's values -> set_one_row_shape's argument
 
-_chosen: dict[str, bool] = {}  # "two_row_tiles": the shape this process settled on (empty until then)
+_decided: set[str] = set()  # {"once"} after the process settled on a shape (the kernel holds which one)
 
 
 def from_environment() -> bool | None:
@@ -49,8 +49,8 @@ def choose(kernel: ModuleType, linears: list[nn.Linear], clock: Callable[[], flo
     """Set the kernel's float32 one-row shape for this process from ``LORAMUX_ONE_ROW_TILES`` or by timing
     ``linears`` (float32 CPU ``nn.Linear`` layers, weights in place) at one row; returns the shape now set
     (True: 2-row tiles), or None when nothing was decided (too few bytes to measure; 8-row tiles stay)."""
-    if "two_row_tiles" in _chosen:
-        return _chosen["two_row_tiles"]
+    if _decided:
+        return kernel.one_row_shape()
     fixed = from_environment()
     if fixed is not None:
         return _keep(kernel, fixed, f"from {ENV}")
@@ -81,20 +81,21 @@ def choose(kernel: ModuleType, linears: list[nn.Linear], clock: Callable[[], flo
 
 def _keep(kernel: ModuleType, two_row_tiles: bool, why: str) -> bool:
     kernel.set_one_row_shape(two_row_tiles)
-    _chosen["two_row_tiles"] = two_row_tiles
+    _decided.add("once")
     logger.info("decode GEMM: float32 one-row tiles of %d rows (%s)", 2 if two_row_tiles else 8, why)
     return two_row_tiles
 
 
-def _forget_for_tests(kernel: ModuleType) -> tuple[dict[str, bool], bool]:
+def _forget_for_tests(kernel: ModuleType) -> tuple[bool, bool]:
     """Undecided again, 8-row tiles set; returns what to hand ``_restore_for_tests`` afterwards."""
-    saved = dict(_chosen), kernel.one_row_shape()
-    _chosen.clear()
+    saved = bool(_decided), kernel.one_row_shape()
+    _decided.clear()
     kernel.set_one_row_shape(False)
     return saved
 
 
-def _restore_for_tests(kernel: ModuleType, saved: tuple[dict[str, bool], bool]) -> None:
-    _chosen.clear()
-    _chosen.update(saved[0])
+def _restore_for_tests(kernel: ModuleType, saved: tuple[bool, bool]) -> None:
+    _decided.clear()
+    if saved[0]:
+        _decided.add("once")
     kernel.set_one_row_shape(saved[1])
