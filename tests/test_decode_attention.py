@@ -75,6 +75,18 @@ def test_a_rows_result_does_not_depend_on_the_batch_or_threads(kernel, threads, 
         assert torch.equal(together[i: i + 1], alone[i])  # bit for bit
 
 
+@pytest.mark.parametrize("n_threads", [2, 3])
+def test_one_rows_heads_split_over_threads_give_the_one_thread_bits(kernel, threads, n_threads):
+    """A B1 call's query heads are spread over the threads (a kv head's heads may land on two of them): each head
+    is still computed alone in one fixed order, so the result is the one-thread result, bit for bit."""
+    q, k, v, mask = inputs(1, 9, 3, 129, 64, seed=5)
+    torch.set_num_threads(1)
+    alone = kernel.decode_attention(q, k, v, mask, 0.125)
+    torch.set_num_threads(n_threads)
+    assert torch.equal(kernel.decode_attention(q, k, v, mask, 0.125), alone)
+    torch.testing.assert_close(alone, reference(q, k, v, mask, 0.125), atol=2e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize("length", [1, 7, 8, 9, 33])  # tails of every size for the vector exp (8 or 16 lanes)
 def test_peaked_scores_and_large_negative_masks_match_sdpa(kernel, length):
     """The kernel's exp is its own vector polynomial: scores spread over hundreds (peaked softmax) and float masks
