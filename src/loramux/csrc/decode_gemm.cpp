@@ -958,16 +958,22 @@ int64_t lanes() { return L; }
 void set_one_row_shape(bool two_row_tiles) { g_two_row_tiles.store(two_row_tiles, std::memory_order_relaxed); }
 bool one_row_shape() { return g_two_row_tiles.load(std::memory_order_relaxed); }
 
+// The calls that stream weights run without the GIL (their arguments are converted before and the result after):
+// a decode step is ~5-15 ms inside decode_stack, during which the server's event loop thread can send the previous
+// token and read new requests instead of waiting for the step to end. Nothing inside touches a Python object.
+// The small per-layer helpers (norm, rotary, attention) keep it: releasing and taking it back costs more there.
+using without_gil = pybind11::call_guard<pybind11::gil_scoped_release>;
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("decode_linear", &decode_linear, "F.linear(x, W, b); the streaming kernel for at most max_rows rows of x");
-  m.def("decode_linear_group", &decode_linear_group, "[F.linear(x, W, b) for each (W, b)], one kernel call for all");
-  m.def("int8_linear", &int8_linear, "F.linear(x, q * scale[:, None], b) for int8 q; the kernel for at most max_rows rows");
+  m.def("decode_linear", &decode_linear, "F.linear(x, W, b); the streaming kernel for at most max_rows rows of x", without_gil());
+  m.def("decode_linear_group", &decode_linear_group, "[F.linear(x, W, b) for each (W, b)], one kernel call for all", without_gil());
+  m.def("int8_linear", &int8_linear, "F.linear(x, q * scale[:, None], b) for int8 q; the kernel for at most max_rows rows", without_gil());
   m.def("rms_norm", &rms_norm, "w * (x * rsqrt(mean(x^2, -1) + eps)), transformers' LlamaRMSNorm in one call");
   m.def("decode_attention", &decode_attention, "softmax(q k^T * scale + mask) v for one query token per row (GQA)");
   m.def("decode_rotary", &decode_rotary, "transformers' apply_rotary_pos_emb for one token per row: (q_embed, k_embed)");
-  m.def("decode_block_qkv", &decode_block_qkv, "rms_norm, the q/k/v projections and rotary of a decoder layer for one token per row");
-  m.def("decode_block_mlp", &decode_block_mlp, "residual + o_proj, rms_norm, the SiLU MLP and its residual for one token per row");
-  m.def("decode_stack", &decode_stack, "a decode step through every decoder layer: block calls, KV column writes, attention");
+  m.def("decode_block_qkv", &decode_block_qkv, "rms_norm, the q/k/v projections and rotary of a decoder layer for one token per row", without_gil());
+  m.def("decode_block_mlp", &decode_block_mlp, "residual + o_proj, rms_norm, the SiLU MLP and its residual for one token per row", without_gil());
+  m.def("decode_stack", &decode_stack, "a decode step through every decoder layer: block calls, KV column writes, attention", without_gil());
   m.def("set_one_row_shape", &set_one_row_shape, "float32 one-row tiles: False 8 rows, True 2 rows prefetching the next");
   m.def("one_row_shape", &one_row_shape, "the float32 one-row shape set_one_row_shape chose (False: 8-row tiles)");
   m.def("lanes", &lanes, "vector width in floats of this build (8: AVX2, 16: AVX-512)");

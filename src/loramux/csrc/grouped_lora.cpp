@@ -295,7 +295,8 @@ void grouped_lora_add_rows(at::Tensor y, const at::Tensor& x, const std::vector<
 int64_t grouped_lora_add_raw_address() { return reinterpret_cast<int64_t>(&grouped_lora_add_raw); }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("grouped_lora_add", &grouped_lora_add, "y[tokens of g] += (x @ A[g].T) @ B_t[g] for every group g, in place");
+  m.def("grouped_lora_add", &grouped_lora_add, "y[tokens of g] += (x @ A[g].T) @ B_t[g] for every group g, in place",
+        pybind11::call_guard<pybind11::gil_scoped_release>());  // streams adapters; touches no Python object
   m.def("grouped_lora_add_rows", &grouped_lora_add_rows,
         "y[starts[g]:ends[g]] += (x[starts[g]:ends[g]] @ A[g].T) @ B_t[g], groups spread over the threads (prefill)");
   m.def("grouped_lora_add_raw_address", &grouped_lora_add_raw_address,
