@@ -2,7 +2,8 @@
 
 Why: at one query token per row, torch's CPU flash-attention kernel is dispatch and block set-up, not
 arithmetic: ~1.4 ms per layer at B16 on the default model (~42 ms of a step whose matmuls stream in
-less), ~60 us per layer at B1. The kernel does each (row, kv head) in one pass over its keys/values.
+less), ~60 us per layer at B1. The kernel does each (row, query head) in one pass over its keys/values, the
+query heads of one kv head one after another on a thread (their keys/values read from memory once).
 
 How it is used: ``install(model)`` (called by ``dense_kernel.install`` at wrap time) registers the
 attention function :func:`attention_forward` with transformers under the name ``ATTN_NAME`` and
