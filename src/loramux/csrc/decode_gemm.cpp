@@ -894,15 +894,6 @@ at::Tensor decode_block_mlp(const at::Tensor& residual, const at::Tensor& attn, 
   return y + add_lora(base_linear(down_in, ws[3], scales[3], bs[3], max_rows), down_in, loras[3], lora_add);
 }
 
-// One decode step through a Llama-code model's decoder layers (decode_stack.py): per layer, what the lean layer
-// forward does on its block path, in one call, so no Python runs between layers (measured: ~170 us a layer of
-// Python between the kernels of a B1 step, cold in cache after each layer's weights stream through):
-//     q, k, v = decode_block_qkv(hidden, ...)                          # (B, 1, H, D) each
-//     buf_k[i][:B, :, end] = k; buf_v[i][:B, :, end] = v              # RowsKV's in-place column write
-//     out = decode_attention(q, buf_k[i][:B, :, start:end+1], ...)    # the live window, new column included
-//     hidden = decode_block_mlp(hidden, out, ...)
-// The same functions on the same tensors as the lean forward: bit-equal to it. The caller moves the cache's window
-// end one column on (RowsKV.advance) after the call.
 // rows[b, h, column, :] = x[b, 0, h, :] for every row b and kv head h: RowsKV's in-place column write. x: (B, 1, Hkv, D)
 // as decode_block_qkv returns k and v (contiguous); rows: (B, Hkv, Lcap, D) with a contiguous head dim. A plain copy of
 // B * Hkv runs of D floats: the same values as ATen's copy_ of the transposed view, without its TensorIterator set-up
@@ -919,6 +910,15 @@ static void write_column(const at::Tensor& rows, const at::Tensor& x, int64_t co
     for (int64_t h = 0; h < H; ++h) std::memcpy(dst + b * rows.stride(0) + h * rows.stride(1), src + (b * H + h) * D, D * sizeof(float));
 }
 
+// One decode step through a Llama-code model's decoder layers (decode_stack.py): per layer, what the lean layer
+// forward does on its block path, in one call, so no Python runs between layers (measured: ~170 us a layer of
+// Python between the kernels of a B1 step, cold in cache after each layer's weights stream through):
+//     q, k, v = decode_block_qkv(hidden, ...)                          # (B, 1, H, D) each
+//     buf_k[i][:B, :, end] = k; buf_v[i][:B, :, end] = v              # RowsKV's in-place column write
+//     out = decode_attention(q, buf_k[i][:B, :, start:end+1], ...)    # the live window, new column included
+//     hidden = decode_block_mlp(hidden, out, ...)
+// The same functions on the same tensors as the lean forward: bit-equal to it. The caller moves the cache's window
+// end one column on (RowsKV.advance) after the call.
 using Norm = std::tuple<at::Tensor, double>;
 using Projections = std::tuple<std::vector<at::Tensor>, std::vector<c10::optional<at::Tensor>>,
                                std::vector<c10::optional<at::Tensor>>, std::vector<Lora>, int64_t>;
