@@ -71,15 +71,16 @@ def make_lm(tmp_path, int8: bool = False):
     return lm
 
 
-def run_steps(lm, names, steps: int = 4, seed: int = 9, prepare=None, **step_kwargs):
-    """Prefill left-padded rows into two ``RowsKV`` caches, then ``steps`` decode steps through the stack and
-    through the layer calls; returns (stack outputs, layer-call outputs, stack calls, both caches). ``names``: one
-    adapter name per row, or a prepared routing (``MultiLoraModel.prepare_routing``)."""
+def run_steps(lm, names, steps: int = 4, seed: int = 9, prepare=None, pad: bool = True, **step_kwargs):
+    """Prefill rows (the last one left-padded, with ``pad``) into two ``RowsKV`` caches, then ``steps`` decode steps
+    through the stack and through the layer calls; returns (stack outputs, layer-call outputs, stack calls, both
+    caches). ``names``: one adapter name per row, or a prepared routing (``MultiLoraModel.prepare_routing``)."""
     rows = len(getattr(names, "rows", names))
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, 96, (rows, 8), generator=g)
     mask = torch.ones(rows, 8, dtype=torch.long)
-    mask[-1, :5] = 0
+    if pad:
+        mask[-1, :5] = 0
     counting = CountingKernel(decode_stack._KERNEL)
     got, want = [], []
     with torch.inference_mode():
@@ -126,6 +127,30 @@ def test_decode_steps_through_the_stack_equal_the_layer_calls(kernel, tmp_path, 
     assert_same_caches(*caches)
     assert caches[0].get_seq_length() == 8 + 4
     assert not torch.allclose(got[-1].logits[0], got[-1].logits[1], atol=1e-3)  # the adapters change their rows
+
+
+@pytest.mark.parametrize("pad", [False, True])
+def test_a_mask_with_no_padding_skips_create_causal_mask(kernel, tmp_path, monkeypatch, pad):
+    """Rows without padding: transformers' mask for them is no mask, and the stack does not build it each step (it
+    still does where a row is padded); the steps equal the layer calls (which build it) bit for bit either way."""
+    from transformers import masking_utils
+    from transformers.models.llama import modeling_llama
+
+    lm = make_lm(tmp_path)
+    built = {"stack": [], "transformers": []}
+    real = masking_utils.create_causal_mask
+
+    def recording(into):
+        return lambda **kw: built[into].append(real(**kw)) or built[into][-1]
+
+    monkeypatch.setattr(masking_utils, "create_causal_mask", recording("stack"))  # decode_stack imports it from here
+    monkeypatch.setattr(modeling_llama, "create_causal_mask", recording("transformers"))
+    got, want, calls, caches = run_steps(lm, ["all", "__base__", "qv"], steps=3, pad=pad)
+    assert calls == 3 and all(torch.equal(g.logits, w.logits) for g, w in zip(got, want))
+    assert_same_caches(*caches)
+    assert len(built["stack"]) == (3 if pad else 0)
+    decode_masks = built["transformers"][2:]  # after the two prefills: the layer calls' 3 decode steps
+    assert len(decode_masks) == 3 and all(m is None for m in decode_masks) != pad  # unpadded: transformers' is none
 
 
 def test_a_prepared_routing_plans_each_wrapper_once_over_the_steps(kernel, tmp_path, monkeypatch):

@@ -36,11 +36,15 @@ def _ran_beside(call) -> bool:
 
 
 def _one_probe(call) -> bool:
-    entered, state = threading.Event(), {"returned": False}
+    entered, state = threading.Event(), {"returned": False, "error": None}
 
     def work():
         entered.set()
-        result = call()  # kept until the flag is set: freeing a returned tensor may release the GIL itself
+        try:
+            result = call()  # kept until the flag is set: freeing a returned tensor may release the GIL itself
+        except Exception as exc:  # noqa: BLE001 - a failed call must fail the test, not look like a release
+            state["error"] = exc
+            return
         state["returned"] = True
         del result
 
@@ -49,6 +53,8 @@ def _one_probe(call) -> bool:
     entered.wait()
     beside = not state["returned"]  # the first line the main thread runs once it has the GIL again
     worker.join()
+    if state["error"] is not None:
+        raise state["error"]
     return beside
 
 
@@ -81,9 +87,41 @@ def test_the_check_sees_a_call_that_holds_the_gil(long_switch_interval):
     assert not _ran_beside(lambda: sum(range(20000)))
 
 
+def _captured_stack_call(kernel):
+    """The arguments of one real ``decode_stack`` call: a decode step of a small Llama (4 layers of 17 MB in all, so
+    the call is long enough to be seen), on the engine's cache."""
+    from loramux import MultiLoraModel, decode_stack
+    from loramux.engine.kv import RowsKV
+
+    from lora_fixtures import tiny_llama
+
+    lm = MultiLoraModel(tiny_llama(seed=1, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+                                   num_attention_heads=4, num_key_value_heads=2))
+    captured = []
+
+    class Capturing:
+        def __getattr__(self, name):
+            if name == "decode_stack":
+                return lambda *args: captured.append(args) or kernel.decode_stack(*args)
+            return getattr(kernel, name)
+
+    with torch.inference_mode():
+        cache, ids = RowsKV(), torch.randint(3, 90, (1, 6))
+        lm(input_ids=ids, past_key_values=cache, use_cache=True)
+        real, decode_stack._KERNEL = decode_stack._KERNEL, Capturing()
+        try:
+            lm(input_ids=ids[:, :1], attention_mask=torch.ones(1, 7, dtype=torch.long), past_key_values=cache,
+               use_cache=True)
+        finally:
+            decode_stack._KERNEL = real
+    (args,) = captured
+    return args
+
+
 def test_decode_stack_releases_the_gil(decode_gemm_kernel, long_switch_interval):
-    """The whole-step call's binding (here over no layers: the guard is the binding's, whatever the plans)."""
+    """The whole-step call, on a real step's arguments (it writes the same KV column again: the same values)."""
+    args = _captured_stack_call(decode_gemm_kernel)
     hidden, cos, buffers = torch.randn(1, 1, 8), torch.ones(1, 1, 4), [torch.zeros(1, 1, 2, 4)]
     with pytest.raises(RuntimeError, match="one KV buffer pair"):  # refused, the GIL taken back for the exception
         decode_gemm_kernel.decode_stack(hidden, [], buffers, [], 0, 0, None, cos, cos, [], [], 64)
-    assert _ran_beside(lambda: decode_gemm_kernel.decode_stack(hidden, [], [], [], 0, 0, None, cos, cos, [], [], 64))
+    assert _ran_beside(lambda: decode_gemm_kernel.decode_stack(*args))

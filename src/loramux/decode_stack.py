@@ -72,8 +72,12 @@ def _run_stack(self, kwargs: dict):
     position_ids = kwargs.get("position_ids")
     if position_ids is None:  # as transformers' forward
         position_ids = (torch.arange(1, device=hidden.device) + cache.get_seq_length()).unsqueeze(0)
-    mask = create_causal_mask(config=config, inputs_embeds=hidden, attention_mask=kwargs.get("attention_mask"),
-                              past_key_values=cache, position_ids=position_ids)
+    attention_mask = kwargs.get("attention_mask")
+    if _attends_everywhere(attention_mask, rows):
+        mask = None  # what create_causal_mask gives for it (~0.2 ms of a B1 step, cold in cache): see the helper
+    else:
+        mask = create_causal_mask(config=config, inputs_embeds=hidden, attention_mask=attention_mask,
+                                  past_key_values=cache, position_ids=position_ids)
     position_embeddings = self.rotary_emb(hidden, position_ids=position_ids)  # (cos, sin): (1 or B, 1, D)
     buf_k, buf_v, start, end = columns
     if mask is not None and not decode_attention._row_mask(mask, rows, end + 1 - start):
@@ -97,6 +101,15 @@ def _run_stack(self, kwargs: dict):
                                   scalings, decode_layers._MAX_ROWS)
     cache.advance()
     return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden), past_key_values=cache)
+
+
+def _attends_everywhere(attention_mask, rows: int) -> bool:
+    """A 2-D padding mask (rows, L) of integers or bools with no position left out: the one new token of each row then
+    attends to every cached position (all are older), and transformers' ``create_causal_mask`` returns no mask for it
+    (SDPA's causal skip; the decode attention's result is the same bits for no mask and an all-True one). Not a missing
+    mask: transformers may then read packed sequences from ``position_ids``."""
+    return (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 and attention_mask.shape[0] == rows
+            and attention_mask.dtype in (torch.int64, torch.int32, torch.bool) and bool(attention_mask.all()))
 
 
 @functools.lru_cache(maxsize=None)
