@@ -11,7 +11,11 @@ on every linear, the grouped-LoRA kernel) at B1 and B16, base rows and rows over
 different ranks and targets; each step appends one token to a 128-token KV cache (cropped back before
 the next), keeps the last position's logits (``logits_to_keep=1``). Medians over interleaved rounds.
 Plain transformers steps on its ``DynamicCache`` (which re-concatenates every layer's keys and values
-each step); loramux rows on the engine's ``RowsKV`` (written in place), what ``loramux serve`` runs.
+each step); loramux rows on the engine's ``RowsKV`` (written in place) with the engine's routing
+(``prepare_routing`` once, as its decode batch does until a row joins or leaves), what ``loramux serve``
+runs. "B16 mixed, names per call" is the library call with an ``adapter_names`` list instead: each call
+resolves its rows and builds every wrapped layer's kernel arguments again (~3.5 ms of Python at B16 mixed
+on the 2-core AMD EPYC of 2026-12-06, serial, so on the wall time of 2 threads too).
 The int8 rows (``quantize.quantize_model``: weight-only int8, per-output-channel scales) have their own
 floor: their weight bytes (int8 + scales) / bandwidth, or the same FLOPs / sgemm peak.
 
@@ -137,11 +141,14 @@ def bench_steps(base, reps: int, root: Path) -> dict:
         lm8.load_adapter(path, adapter_name=path.name)
         names.append(path.name)
     mixed16 = [names[i % 4] for i in range(16)]
-    rows = {"plain B1": ("plain", 1, None), "loramux B1 base": ("lm", 1, ["__base__"]),
-            "loramux B1 adapter r8": ("lm", 1, [names[0]]),
-            "plain B16": ("plain", 16, None), "loramux B16 base": ("lm", 16, ["__base__"] * 16),
-            "loramux B16 mixed 4 adapters": ("lm", 16, mixed16),
-            "int8 B1 base": ("lm8", 1, ["__base__"]), "int8 B16 mixed 4 adapters": ("lm8", 16, mixed16)}
+    # the engine's decode batch: rows resolved once (prepare_routing) and reused until a row joins or leaves
+    served, served8 = lm.prepare_routing, lm8.prepare_routing
+    rows = {"plain B1": ("plain", 1, None), "loramux B1 base": ("lm", 1, served(["__base__"])),
+            "loramux B1 adapter r8": ("lm", 1, served([names[0]])),
+            "plain B16": ("plain", 16, None), "loramux B16 base": ("lm", 16, served(["__base__"] * 16)),
+            "loramux B16 mixed 4 adapters": ("lm", 16, served(mixed16)),
+            "B16 mixed, names per call": ("lm", 16, mixed16),
+            "int8 B1 base": ("lm8", 1, served8(["__base__"])), "int8 B16 mixed 4 adapters": ("lm8", 16, served8(mixed16))}
     nbytes, count = weight_stats(plain)
     nbytes8, _ = weight_stats(base8)
     with torch.inference_mode():
@@ -218,4 +225,6 @@ def step_lines(res: dict) -> list[str]:
             f"{t['int8 B16 mixed 4 adapters'] / t['loramux B16 mixed 4 adapters']:.2f}",
             f"loramux / plain transformers: B1 {t['plain B1'] / t['loramux B1 base']:.2f}x faster, "
             f"B16 {t['plain B16'] / t['loramux B16 base']:.2f}x faster (base rows); B16 mixed / B16 base "
-            f"{t['loramux B16 mixed 4 adapters'] / t['loramux B16 base']:.2f}"]
+            f"{t['loramux B16 mixed 4 adapters'] / t['loramux B16 base']:.2f}; with adapter_names per call (the routing "
+            f"and kernel arguments built again each call) / prepared routing (the engine's): "
+            f"{t['B16 mixed, names per call'] / t['loramux B16 mixed 4 adapters']:.2f}"]
