@@ -235,7 +235,7 @@ class MultiLoraModel(nn.Module):
         rows = tuple(rows)
         with self._lock:
             mapping, infos = resolve_rows(self._loads, self._merged, rows)
-        return PreparedRouting(rows, mapping, infos, is_held(rows))
+            return PreparedRouting(rows, mapping, infos, is_held(rows), self._merged)
 
     def _resolve(self, adapter_names: str | Sequence[str | None] | PreparedRouting | None,
                  n_rows: int) -> tuple[BatchMapping | None, tuple[int, ...]]:

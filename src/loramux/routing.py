@@ -20,19 +20,23 @@ Row = str | AdapterInfo | None
 
 @dataclass(frozen=True)
 class PreparedRouting:
-    """Rows resolved once by ``MultiLoraModel.prepare_routing``: the rows as given, the mapping, and the
-    loads its slots came from. ``held``: every adapter row was given as a load its caller pins
-    (``MultiLoraModel.pin``), so calls use the slots without pinning them again."""
+    """Rows resolved once by ``MultiLoraModel.prepare_routing``: the rows as given, the mapping, the
+    loads its slots came from, and the adapter merged into W0 then (``merged``, a name or None).
+    ``held``: every adapter row was given as a load its caller pins (``MultiLoraModel.pin``), so calls
+    use the slots without pinning them again."""
 
     rows: tuple[Row, ...]
     mapping: BatchMapping
     infos: tuple[AdapterInfo, ...]
     held: bool
+    merged: str | None
 
     def is_current(self, loads: LoadTable, merged: str | None) -> bool:
-        """Whether the mapping still routes as the rows mean: the merge state is unchanged, and the
-        loads are still held (``held``) or still the ones their names serve."""
-        if self.mapping.merged != (merged is not None):
+        """Whether the mapping still routes as the rows mean: the same adapter is merged (or none: a
+        mapping made under a merge adds no LoRA, so after another adapter's merge it would serve that
+        one's weights to rows that asked for the first), and the loads are still held (``held``) or
+        still the ones their names serve."""
+        if self.merged != merged:
             return False
         if self.held:
             return all(loads.holds(i) for i in self.infos)
