@@ -13,9 +13,10 @@ the next), keeps the last position's logits (``logits_to_keep=1``). Medians over
 Plain transformers steps on its ``DynamicCache`` (which re-concatenates every layer's keys and values
 each step); loramux rows on the engine's ``RowsKV`` (written in place) with the engine's routing
 (``prepare_routing`` once, as its decode batch does until a row joins or leaves), what ``loramux serve``
-runs. "B16 mixed, names per call" is the library call with an ``adapter_names`` list instead: each call
-resolves its rows and builds every wrapped layer's kernel arguments again (~3.5 ms of Python at B16 mixed
-on the 2-core AMD EPYC of 2026-12-06, serial, so on the wall time of 2 threads too).
+runs. "B16 mixed, names per call" is the library call with an ``adapter_names`` list instead, the same
+names every step as a caller's own loop passes them: consecutive calls with the same names share one
+resolution (``routing.RecentRouting``); before that (2026-12-06) each call rebuilt every wrapped layer's
+kernel arguments, ~3.5 ms of serial Python a step at B16 mixed on a 2-core AMD EPYC.
 The int8 rows (``quantize.quantize_model``: weight-only int8, per-output-channel scales) have their own
 floor: their weight bytes (int8 + scales) / bandwidth, or the same FLOPs / sgemm peak.
 
@@ -225,6 +226,6 @@ def step_lines(res: dict) -> list[str]:
             f"{t['int8 B16 mixed 4 adapters'] / t['loramux B16 mixed 4 adapters']:.2f}",
             f"loramux / plain transformers: B1 {t['plain B1'] / t['loramux B1 base']:.2f}x faster, "
             f"B16 {t['plain B16'] / t['loramux B16 base']:.2f}x faster (base rows); B16 mixed / B16 base "
-            f"{t['loramux B16 mixed 4 adapters'] / t['loramux B16 base']:.2f}; with adapter_names per call (the routing "
-            f"and kernel arguments built again each call) / prepared routing (the engine's): "
+            f"{t['loramux B16 mixed 4 adapters'] / t['loramux B16 base']:.2f}; with an adapter_names list per call "
+            f"(consecutive calls with the same names share one resolution) / prepared routing (the engine's): "
             f"{t['B16 mixed, names per call'] / t['loramux B16 mixed 4 adapters']:.2f}"]

@@ -48,6 +48,14 @@ class BatchMapping:
     def n_rows(self) -> int:
         return len(self.row_slots)
 
+    def sharing_caches(self) -> "BatchMapping":
+        """A new mapping of the same rows with this one's caches (groups, positions, token ranges, kernel
+        arguments, decode deltas), for a later call whose rows are the same loads (``routing.RecentRouting``).
+        A new object, so the hints tied to one call's mapping (``call_rows``, ``image_mapping``) are not taken
+        for the next call's."""
+        return BatchMapping(self.row_slots, self.merged, _groups=self._groups, _positions=self._positions,
+                            _tokens=self._tokens, _kernel_args=self._kernel_args, _decode_deltas=self._decode_deltas)
+
     @property
     def slots(self) -> frozenset[int]:
         return frozenset(s for s in self.row_slots if s != BASE_SLOT)
@@ -197,3 +205,9 @@ def use_mapping(mapping: BatchMapping | None) -> Iterator[None]:
         yield
     finally:
         _current.reset(token)
+        # the call's hints go with it: left set, they kept its mapping (and the adapter tensors its caches
+        # hold) alive after the call, a deleted adapter's weights included
+        for hint in (_call_rows, _images):
+            held = hint.get()
+            if held is not None and held[0] is mapping:
+                hint.set(None)

@@ -31,7 +31,7 @@ from loramux.errors import (AdapterExistsError, AdapterNamesError, MergedAdapter
 from loramux.layers import LoraLayer
 from loramux.loading import LoadPlan, check_against_base, plan_load
 from loramux.loads import AdapterInfo, LoadTable
-from loramux.routing import PreparedRouting, is_held, resolve_rows
+from loramux.routing import PreparedRouting, RecentRouting, is_held, resolve_rows
 from loramux.wrapping import ModuleWrappers
 from loramux.mapping import BatchMapping, record_call_rows, use_mapping
 from loramux.merging import merge_layer, unmerge_layer
@@ -59,6 +59,7 @@ class MultiLoraModel(nn.Module):
         self._default: str | None = None
         self._context_default: contextvars.ContextVar[Any] = contextvars.ContextVar(f"loramux_default_{id(self)}", default=_UNSET)
         self._merged: str | None = None
+        self._recent = RecentRouting()  # the last names call's rows, reused by the next with the same names
         # rows of each model forward (B*k in beam search), for layers whose input has no batch axis
         base_model.register_forward_pre_hook(record_call_rows, with_kwargs=True)
 
@@ -171,6 +172,7 @@ class MultiLoraModel(nn.Module):
             self._free(info.slot)
 
     def _free(self, slot: int) -> None:
+        self._recent.forget(slot)
         self._wrappers.clear(slot, self._loads.free(slot))
 
     def _info(self, name: str) -> AdapterInfo:
@@ -269,7 +271,7 @@ class MultiLoraModel(nn.Module):
             raise AdapterNamesError(f"adapter_names has {len(adapter_names)} entries but the batch has {n_rows} rows; "
                                     "pass one adapter name (or '__base__') per row")
         with self._lock:
-            mapping = resolve_rows(self._loads, self._merged, adapter_names)[0]
+            mapping = self._recent.mapping(self._loads, self._merged, adapter_names)
             return mapping, self._pin_slots(mapping.slots)
 
     def _pin_slots(self, slots: frozenset[int]) -> tuple[int, ...]:

@@ -3,7 +3,8 @@
 A row names an adapter (its current load), gives a load itself (an ``AdapterInfo`` its caller pinned:
 the engine's requests), or is the base model (None / ``"__base__"``). ``PreparedRouting`` keeps a
 resolution for a batch whose rows stay the same over many calls (the engine's decode batch), so
-those calls do no lookups. Called by ``MultiLoraModel`` under its lock.
+those calls do no lookups; ``RecentRouting`` does the same for consecutive calls that give the same
+names. Called by ``MultiLoraModel`` under its lock.
 """
 from __future__ import annotations
 
@@ -65,3 +66,31 @@ def resolve_rows(loads: LoadTable, merged: str | None, rows: Sequence[Row]) -> t
 def is_held(rows: Sequence[Row]) -> bool:
     """Every adapter row is a load (which its caller pins), none a name."""
     return all(not isinstance(r, str) or r == BASE_ADAPTER for r in rows)
+
+
+class RecentRouting:
+    """The rows of the last call that gave names, with their resolution, for the next call with the same names
+    while it is current (``PreparedRouting.is_current``: the same loads, the same merge). Why: a caller stepping
+    its own decode loop with one ``adapter_names`` list got a new mapping every step, so every wrapped layer
+    rebuilt its grouped-LoRA arguments each step (a B16 step over 4 adapters of the default model: 4.65 ms of
+    Python against 1.18 ms with the mapping kept, 1 thread); the engine and ``generate`` keep one mapping
+    already. Names only (a row given as a load is the caller's to prepare). Used under the model's lock."""
+
+    def __init__(self) -> None:
+        self._last: PreparedRouting | None = None
+
+    def mapping(self, loads: LoadTable, merged: str | None, names: Sequence[str | None]) -> BatchMapping:
+        rows = tuple(names)
+        last = self._last
+        if last is not None and last.rows == rows and last.is_current(loads, merged):
+            return last.mapping.sharing_caches()
+        mapping, infos = resolve_rows(loads, merged, rows)
+        by_name = all(row is None or isinstance(row, str) for row in rows)
+        self._last = PreparedRouting(rows, mapping, infos, False, merged) if by_name else None
+        return mapping
+
+    def forget(self, slot: int) -> None:
+        """Drop the kept rows if they use ``slot``, whose weights are being freed (nothing may keep them)."""
+        if self._last is not None and slot in self._last.mapping.slots:
+            self._last = None
+
