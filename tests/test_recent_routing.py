@@ -64,7 +64,8 @@ def decode_steps(lm, names_of_step, steps: int = 3) -> list[torch.Tensor]:
     return out
 
 
-def test_decode_steps_given_the_same_names_build_the_layers_kernel_arguments_once(lm, monkeypatch):
+def test_decode_steps_given_the_same_names_build_the_layers_kernel_arguments_once(decode_gemm_kernel, lm, monkeypatch):
+    # decode_delta: what the decode stack (the kernel path; tests/conftest.py skips without it) asks each layer
     built, before_call = [], []
     real = LoraLayer._decode_delta
     monkeypatch.setattr(LoraLayer, "_decode_delta", lambda self, *a: built.append(self) or real(self, *a))
