@@ -14,9 +14,8 @@ Plain transformers steps on its ``DynamicCache`` (which re-concatenates every la
 each step); loramux rows on the engine's ``RowsKV`` (written in place) with the engine's routing
 (``prepare_routing`` once, as its decode batch does until a row joins or leaves), what ``loramux serve``
 runs. "B16 mixed, names per call" is the library call with an ``adapter_names`` list instead, the same
-names every step as a caller's own loop passes them: consecutive calls with the same names share one
-resolution (``routing.RecentRouting``); before that (2026-12-06) each call rebuilt every wrapped layer's
-kernel arguments, ~3.5 ms of serial Python a step at B16 mixed on a 2-core AMD EPYC.
+names every step as a caller's own loop passes them (consecutive calls with the same names share one
+resolution: ``routing.RecentRouting``).
 The int8 rows (``quantize.quantize_model``: weight-only int8, per-output-channel scales) have their own
 floor: their weight bytes (int8 + scales) / bandwidth, or the same FLOPs / sgemm peak.
 
